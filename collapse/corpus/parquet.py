@@ -1,0 +1,88 @@
+"""Corpus shards on disk: Parquet files with one row per document.
+
+Columns: `input_ids` (list<int32>, no BOS/EOS), `text` (decoded), `length` (len of input_ids),
+`finished` (the document ended with EOS; always true for human text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from collapse.store import atomic_path
+
+SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("text", pa.string()),
+        ("length", pa.int32()),
+        ("finished", pa.bool_()),
+    ]
+)
+
+
+def shard_name(index: int) -> str:
+    """File name of shard `index`."""
+    return f"part-{index:05d}.parquet"
+
+
+def write_shard(
+    path: Path, input_ids: Sequence[Sequence[int]], texts: Sequence[str], finished: Sequence[bool]
+) -> None:
+    """Atomically write one shard. Bytes depend only on the rows (stable across runs)."""
+    table = pa.table(
+        {
+            "input_ids": pa.array([list(map(int, ids)) for ids in input_ids], pa.list_(pa.int32())),
+            "text": pa.array(list(texts), pa.string()),
+            "length": pa.array([len(ids) for ids in input_ids], pa.int32()),
+            "finished": pa.array(list(finished), pa.bool_()),
+        },
+        schema=SCHEMA,
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def shard_paths(corpus_dir: Path) -> list[Path]:
+    """The shards of a corpus folder, in order."""
+    return sorted(corpus_dir.glob("part-*.parquet"))
+
+
+def iter_tables(paths: Sequence[Path], columns: list[str]) -> Iterator[pa.Table]:
+    """Stream the given columns shard by shard (never the whole corpus at once)."""
+    for path in paths:
+        yield pq.read_table(path, columns=columns)
+
+
+def token_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Flat token ids and document offsets (len = docs + 1) of a table's `input_ids`."""
+    col = table.column("input_ids").combine_chunks()
+    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return flat, offsets
+
+
+def documents(paths: Sequence[Path]) -> Iterator[list[int]]:
+    """Every document's token ids, in order."""
+    for table in iter_tables(paths, ["input_ids"]):
+        yield from table.column("input_ids").to_pylist()
+
+
+def packed_stream(paths: Sequence[Path], eos_id: int) -> np.ndarray:
+    """All documents joined into one token stream: EOS, doc, EOS, doc, EOS, ...
+
+    The leading EOS doubles as the BOS of the first document, and every EOS after a document is
+    a trained target, so models learn to end a story (the public code masked it; PROTOCOL.md).
+    """
+    pieces = [np.array([eos_id], dtype=np.int32)]
+    for table in iter_tables(paths, ["input_ids"]):
+        flat, offsets = token_arrays(table)
+        pieces.append(np.insert(flat, offsets[1:], eos_id).astype(np.int32, copy=False))
+    return np.concatenate(pieces)

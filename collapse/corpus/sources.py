@@ -1,0 +1,110 @@
+"""The initial (human) corpus: from the hub, local files or the built-in story generator.
+
+Every source goes through `datasets`, so local files and the hub share one code path; the
+validation split is either the dataset's own or a seeded holdout, fixed for the whole run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, load_dataset
+
+from collapse.seeding import derive_seed
+
+_LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class CorpusSourceError(ValueError):
+    """The configured corpus cannot be read; the message says what to fix."""
+
+
+def _hub(cfg: Any) -> tuple[Dataset, Dataset | None]:
+    try:
+        train = load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split)
+        val = (
+            load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.validation_split)
+            if cfg.validation_split
+            else None
+        )
+    except Exception as exc:  # the hub raises many types; all mean "cannot load"
+        raise CorpusSourceError(
+            f"corpus.dataset: cannot load {cfg.dataset!r} from the Hugging Face hub "
+            f"({type(exc).__name__}: {exc}); check the id and network, or use "
+            "corpus.source: synthetic | local"
+        ) from None
+    return train, val
+
+
+def _local(cfg: Any) -> Dataset:
+    path = Path(cfg.path)
+    builder = _LOCAL_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise CorpusSourceError(
+            f"corpus.path: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet"
+        )
+    kwargs: dict[str, Any] = {}
+    if builder == "text":
+        kwargs["sample_by"] = "paragraph" if cfg.txt_mode == "blocks" else "line"
+    return load_dataset(builder, data_files=str(path), split="train", **kwargs)
+
+
+def _synthetic(cfg: Any, seed: int) -> Dataset:
+    from collapse.corpus.synthetic import generate_stories
+
+    return Dataset.from_dict({"text": generate_stories(cfg.num_stories, seed)})
+
+
+def _non_empty(ds: Dataset, column: str, source: str) -> Dataset:
+    if column not in ds.column_names:
+        raise CorpusSourceError(
+            f"corpus.text_column: {source} has no column {column!r} "
+            f"(columns: {', '.join(ds.column_names)})"
+        )
+    return ds.filter(lambda t: isinstance(t, str) and bool(t.strip()), input_columns=column)
+
+
+def _texts(ds: Dataset, column: str) -> list[str]:
+    return [t.strip() for t in ds[column]]
+
+
+def load_documents(cfg: Any, run_seed: int) -> tuple[list[str], list[str]]:
+    """Load the initial corpus and split it.
+
+    Args:
+        cfg: the `CorpusConfig`.
+        run_seed: the run seed (the synthetic corpus and the holdout derive from it).
+
+    Returns:
+        (train texts, validation texts), empty documents dropped.
+    """
+    val_ds: Dataset | None = None
+    if cfg.source == "hub":
+        train_ds, val_ds = _hub(cfg)
+        column, where = cfg.text_column, f"dataset {cfg.dataset!r}"
+    elif cfg.source == "local":
+        train_ds = _local(cfg)
+        column = cfg.text_column if Path(cfg.path).suffix.lower() != ".txt" else "text"
+        where = f"file {cfg.path!r}"
+    else:
+        train_ds = _synthetic(cfg, derive_seed(run_seed, "corpus", "synthetic"))
+        column, where = "text", "the synthetic corpus"
+    train_ds = _non_empty(train_ds, column, where)
+    if val_ds is not None:
+        val_ds = _non_empty(val_ds, column, where)
+    if cfg.max_documents is not None:
+        train_ds = train_ds.select(range(min(cfg.max_documents, len(train_ds))))
+    if val_ds is None:
+        if len(train_ds) < 2:
+            raise CorpusSourceError(f"corpus: {where} has fewer than 2 documents")
+        parts = train_ds.train_test_split(
+            test_size=cfg.validation_fraction, seed=derive_seed(run_seed, "holdout") % 2**32
+        )
+        train_ds, val_ds = parts["train"], parts["test"]
+    if cfg.max_validation_documents is not None:
+        val_ds = val_ds.select(range(min(cfg.max_validation_documents, len(val_ds))))
+    train, val = _texts(train_ds, column), _texts(val_ds, column)
+    if not train or not val:
+        raise CorpusSourceError(f"corpus: {where} leaves an empty train or validation split")
+    return train, val

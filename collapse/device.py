@@ -1,0 +1,36 @@
+"""Device and precision choice, shared by training, sampling and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def pick_device(requested: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; `cuda` without a GPU is an error."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but no CUDA GPU is visible")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting; None means plain fp32.
+
+    `auto` is bf16 on GPUs that support it, fp16 on older GPUs, and fp32 on the CPU (CPU bf16
+    autocast is slow on most CPUs and changes results for no gain at our sizes).
+    """
+    if device.type != "cuda" or precision == "fp32":
+        return None  # mixed precision is a GPU setting; CPU runs stay exact fp32
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast context for `dtype`, or a no-op for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,20 @@
+"""Fault injection for crash tests: `COLLAPSE_FAULT=train:2` SIGKILLs the process right after
+training checkpoint 2 is on disk, `COLLAPSE_FAULT=sample:1` right after sampling shard 1.
+
+A real `kill -9` at a well-defined point makes resume tests deterministic instead of racing a
+timer against the machine's speed. Unset (the normal case), this does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+FAULT_ENV = "COLLAPSE_FAULT"
+
+
+def crash_point(stage: str, count: int) -> None:
+    """SIGKILL this process if COLLAPSE_FAULT names (`stage`, `count`)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec and spec == f"{stage}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,174 @@
+"""Batched ancestral sampling of a corpus from the BOS token, written as Parquet shards.
+
+The loop is ours rather than `model.generate` so that each shard draws from its own seeded RNG
+(stream isolated with `fork_rng`), which makes a resumed corpus byte-identical to an
+uninterrupted one. It consumes randomness exactly as `generate(do_sample=True)` does, so under
+the same seed both produce the same tokens (tested).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from collapse.corpus.parquet import shard_name, write_shard
+from collapse.faults import crash_point
+from collapse.seeding import derive_seed
+from collapse.store import atomic_write_json, sha256_file
+
+
+def _warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+@torch.inference_mode()
+def sample_batch(
+    model: torch.nn.Module,
+    batch_size: int,
+    max_new_tokens: int,
+    bos_id: int,
+    eos_id: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    device: torch.device | None = None,
+) -> tuple[list[list[int]], list[bool]]:
+    """Draw `batch_size` sequences from BOS using the current torch RNG.
+
+    Returns:
+        (token ids of each sequence without BOS/EOS, whether it ended with EOS).
+    """
+    device = device or next(model.parameters()).device
+    # transformers 5.24 renamed `past_key_values` to `cache`; accept both generations of the API.
+    cache_arg = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
+    warpers = _warpers(temperature, top_k, top_p)
+    input_ids = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
+    out = model(input_ids=input_ids, use_cache=True)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    steps: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()
+        scores = warpers(input_ids, logits)
+        probs = torch.softmax(scores, dim=-1)
+        nxt = torch.multinomial(probs, num_samples=1).squeeze(1)
+        nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
+        steps.append(nxt)
+        finished |= nxt == eos_id
+        if bool(finished.all()):
+            break
+        out = model(input_ids=nxt[:, None], use_cache=True, **{cache_arg: out.past_key_values})
+    tokens = torch.stack(steps, dim=1).cpu().tolist() if steps else [[] for _ in range(batch_size)]
+    seqs, ended = [], []
+    for row in tokens:
+        if eos_id in row:
+            seqs.append(row[: row.index(eos_id)])
+            ended.append(True)
+        else:
+            seqs.append(row)
+            ended.append(False)
+    return seqs, ended
+
+
+def shard_sizes(num_sequences: int, shard_size: int) -> list[int]:
+    """Sequences in each shard: full shards and a final partial one."""
+    full, rest = divmod(num_sequences, shard_size)
+    return [shard_size] * full + ([rest] if rest else [])
+
+
+def sample_corpus(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    cfg: Any,
+    out_dir: Path,
+    *,
+    seed: int,
+    progress_key: str,
+    device: torch.device,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Sample `cfg.num_sequences` sequences into `out_dir/part-*.parquet`, resuming finished shards.
+
+    Shard i is drawn with the seed derive_seed(seed, "shard", i) whatever happened before it, and
+    a progress file records each finished shard's sha256, so a restarted run skips exactly the
+    shards that are complete and intact.
+
+    Returns:
+        Stats: sequences, shards, shards_reused, tokens, finished_fraction.
+    """
+    model.to(device)
+    model.eval()
+    progress_path = out_dir / "_progress.json"
+    done: dict[str, str] = {}
+    if progress_path.exists():
+        import json
+
+        state = json.loads(progress_path.read_text())
+        if state.get("key") == progress_key:
+            done = state["shards"]
+    sizes = shard_sizes(cfg.num_sequences, cfg.shard_size)
+    stale = {p.name for p in out_dir.glob("part-*.parquet")} - {
+        shard_name(i) for i in range(len(sizes))
+    }
+    for name in stale:
+        (out_dir / name).unlink()
+    reused = 0
+    bar = tqdm(total=cfg.num_sequences, disable=not progress, desc="sample", unit="seq")
+    for index, size in enumerate(sizes):
+        name = shard_name(index)
+        path = out_dir / name
+        if name in done and path.exists() and sha256_file(path) == done[name]:
+            reused += 1
+            bar.update(size)
+            continue
+        ids: list[list[int]] = []
+        ended: list[bool] = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(derive_seed(seed, "shard", index))
+            for start in range(0, size, cfg.batch_size):
+                n = min(cfg.batch_size, size - start)
+                seqs, fin = sample_batch(
+                    model,
+                    n,
+                    cfg.max_new_tokens,
+                    tokenizer.bos_token_id,
+                    tokenizer.eos_token_id,
+                    temperature=cfg.temperature,
+                    top_k=cfg.top_k,
+                    top_p=cfg.top_p,
+                    device=device,
+                )
+                ids += seqs
+                ended += fin
+                bar.update(n)
+        texts = tokenizer.batch_decode(ids)
+        write_shard(path, ids, texts, ended)
+        done[name] = sha256_file(path)
+        atomic_write_json(progress_path, {"key": progress_key, "shards": done})
+        crash_point("sample", index + 1)
+        if log:
+            log(f"shard {index + 1}/{len(sizes)} written")
+    bar.close()
+    progress_path.unlink(missing_ok=True)
+    return {"shards": len(sizes), "shards_reused": reused, "sequences": cfg.num_sequences}

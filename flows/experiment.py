@@ -1,0 +1,155 @@
+"""Prefect wiring: the `experiment` flow, one nested `generation` flow each, a task per stage.
+
+The manifests decide what is done (collapse.pipeline); Prefect's cache mirrors that decision so
+reused stages show as Cached in the UI: a task's cache key is its stage key (config section,
+parent content digests, stage version), and a stage whose outputs are not valid runs with
+refresh_cache, so a stale Prefect result can never stand in for a missing artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.concurrency.sync import concurrency
+from prefect.context import TaskRunContext
+
+from collapse.config import Config
+from collapse.pipeline import (
+    Context,
+    freeze_config,
+    invalidate_from,
+    metrics_table,
+    run_stage,
+    stage_key,
+    stages_of,
+)
+from collapse.store import RunStore
+
+GPU_STAGES = ("train", "sample", "eval.perplexity")
+
+
+def artifact_key(run_id: str, kind: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for a run."""
+    safe = "".join(c if c.isalnum() else "-" for c in run_id.lower()).strip("-")
+    return f"{safe}-{kind}"
+
+
+def make_context(config: dict[str, Any], run_id: str) -> Context:
+    """Rebuild the library context inside a flow or task (inputs are plain JSON)."""
+    cfg = Config.model_validate(config)
+    logger = get_run_logger()
+    bars = cfg.orchestration.progress_bars
+    progress = bars == "on" or (bars == "auto" and sys.stderr.isatty())
+    return Context(cfg, RunStore(cfg.run.artifact_root, run_id), progress, logger.info)
+
+
+def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    # The stage key chains the content digests of the stage's inputs; the flow passes
+    # refresh_cache whenever the manifest says the outputs are missing or corrupt.
+    return parameters.get("cache_key")
+
+
+@task(cache_key_fn=_stage_cache_key, persist_result=True, result_serializer="json")
+def stage(config: dict[str, Any], run_id: str, gen: int, name: str, cache_key: str | None) -> dict:
+    """Run one stage (or return its valid record) and return a small summary."""
+    ctx = make_context(config, run_id)
+    limit = ctx.config.orchestration.gpu_concurrency_limit
+    holds_gpu = limit is not None and name in GPU_STAGES
+    with concurrency(limit) if holds_gpu else contextlib.nullcontext():
+        record = run_stage(ctx, gen, name)
+    return {
+        "generation": gen,
+        "stage": name,
+        "key": record["key"],
+        "digest": record["digest"],
+        "reused": record["reused"],
+        "info": record["info"],
+    }
+
+
+@flow(name="generation", flow_run_name="{run_id}-gen-{gen}", log_prints=True)
+def generation(config: dict[str, Any], run_id: str, gen: int) -> list[dict]:
+    """All stages of one generation: (corpus | train, sample), then the evaluations."""
+    ctx = make_context(config, run_id)
+    results = []
+    for name in stages_of(ctx, gen):
+        key = stage_key(ctx, gen, name)  # parents are done: this generation runs in order
+        record = ctx.store.valid_record(gen, name, key)
+        runner = stage.with_options(task_run_name=f"{name}-gen-{gen}", refresh_cache=record is None)
+        result = runner(config, run_id, gen, name, f"{name}-{key}")
+        # A Prefect cache hit does not run the task body; it still reflects a valid record.
+        results.append({**result, "reused": result["reused"] or record is not None})
+    return results
+
+
+def _table_markdown(rows: list[dict[str, Any]]) -> str:
+    header = "| gen | perplexity | entropy (bits) | distinct tokens | ended with EOS |"
+    lines = [header, "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            "| {generation} | {ppl} | {ent} | {distinct} | {fin} |".format(
+                generation=row["generation"],
+                ppl=_fmt(row["perplexity"]),
+                ent=_fmt(row["entropy_bits"]),
+                distinct=row["distinct_tokens"] if row["distinct_tokens"] is not None else "-",
+                fin=_fmt(row["finished_fraction"]),
+            )
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@flow(name="experiment", flow_run_name="{run_id}", log_prints=True)
+def experiment(
+    config: dict[str, Any], run_id: str, from_generation: int | None = None
+) -> dict[str, Any]:
+    """A whole recursive-training run: generation 0 (human corpus), then 1..N.
+
+    Args:
+        config: the validated config as a plain dict.
+        run_id: the run folder name.
+        from_generation: recompute this generation and every later one.
+
+    Returns:
+        {"generations": per-generation stage summaries, "table": the metrics table}.
+    """
+    ctx = make_context(config, run_id)
+    logger = get_run_logger()
+    total = ctx.config.run.generations
+    with ctx.store.lock():
+        freeze_config(ctx)
+        if from_generation is not None:
+            invalidate_from(ctx, from_generation)
+            logger.info(f"recomputing from generation {from_generation}")
+        progress_id = create_progress_artifact(
+            0.0, key=artifact_key(run_id, "progress"), description=f"{run_id}: generations done"
+        )
+        summaries = []
+        for gen in range(0, total + 1):
+            summaries.append({"generation": gen, "stages": generation(config, run_id, gen)})
+            rows = metrics_table(ctx)
+            create_table_artifact(
+                rows,
+                key=artifact_key(run_id, "metrics"),
+                description=f"Per-generation metrics of run {run_id} (gen 0 = human corpus)",
+            )
+            update_progress_artifact(progress_id, 100.0 * gen / total)
+        create_markdown_artifact(
+            f"# Run {run_id}\n\nArtifacts: `{ctx.store.run_dir.resolve()}`\n\n"
+            + _table_markdown(rows),
+            key=artifact_key(run_id, "summary"),
+            description=f"Summary of run {run_id}",
+        )
+    return {"generations": summaries, "table": rows}
