@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny models, a small corpus file and a tiny run config."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from collapse.config import ModelConfig
+from collapse.models import gpt_neo_config, init_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+_NAMES = ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna", "Max", "Zoe"]
+_THINGS = ["ball", "cat", "dog", "tree", "cake", "kite", "boat", "hat"]
+
+
+def write_story_file(path: Path, n: int = 300, seed: int = 0) -> Path:
+    """A small .txt corpus, one story per blank-line block."""
+    rng = random.Random(seed)
+    stories = []
+    for _ in range(n):
+        name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
+        stories.append(
+            f"Once upon a time, there was a child named {name}. {name} had a {thing}. "
+            f"One day, the {thing} was lost. {name} was sad. Then {name} found the {thing} "
+            "and was happy. The end."
+        )
+    path.write_text("\n\n".join(stories) + "\n")
+    return path
+
+
+@pytest.fixture
+def story_file(tmp_path: Path) -> Path:
+    return write_story_file(tmp_path / "stories.txt")
+
+
+def tiny_config_dict(corpus_path: Path, root: Path, generations: int = 2) -> dict:
+    """A run that takes a few seconds per generation on a CPU."""
+    return {
+        "run": {"name": "tiny", "seed": 7, "generations": generations, "artifact_root": str(root)},
+        "model": {
+            "num_layers": 2,
+            "hidden_size": 32,
+            "num_heads": 4,
+            "max_position_embeddings": 128,
+        },
+        "tokenizer": {"name": "bpe", "vocab_size": 300},
+        "corpus": {"source": "local", "path": str(corpus_path)},
+        "train": {
+            "batch_size": 8,
+            "effective_batch": 16,
+            "seq_len": 64,
+            "epochs": 1,
+            "checkpoint_every": 3,
+        },
+        "sample": {"num_sequences": 120, "max_new_tokens": 48, "batch_size": 40, "shard_size": 40},
+        "eval": {"batch_size": 16},
+    }
+
+
+@pytest.fixture
+def tiny_config_file(tmp_path: Path, story_file: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(story_file, tmp_path / "artifacts")))
+    return path
+
+
+@pytest.fixture
+def tiny_model():
+    cfg = gpt_neo_config(
+        ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_position_embeddings=64),
+        vocab_size=50,
+        bos_id=0,
+        eos_id=0,
+    )
+    return init_model(cfg, seed=3).eval()

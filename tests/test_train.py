@@ -1,0 +1,140 @@
+"""Training: EOS is learned, checkpoints resume to the same weights, data order is seeded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from collapse.config import ModelConfig, TrainConfig
+from collapse.models import gpt_neo_config, init_model
+from collapse.train import make_blocks, total_steps, train_model
+
+CPU = torch.device("cpu")
+
+
+def _model(seed: int = 0):
+    cfg = gpt_neo_config(
+        ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_position_embeddings=64), 20, 0, 0
+    )
+    return init_model(cfg, seed)
+
+
+def _blocks(n_docs: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    stream = [0]
+    for _ in range(n_docs):
+        stream += [*rng.integers(1, 20, size=rng.integers(3, 9)).tolist(), 0]
+    return make_blocks(np.array(stream, dtype=np.int32), 16)
+
+
+def test_blocks_and_step_counts():
+    blocks = make_blocks(np.arange(50, dtype=np.int32), 16)
+    assert blocks.shape == (3, 16) and blocks[1, 0] == 16
+    assert make_blocks(np.arange(5, dtype=np.int32), 16).shape == (1, 5)
+    cfg = TrainConfig(batch_size=4, effective_batch=8, epochs=2)
+    assert total_steps(100, 16, cfg) == 25
+    cfg = TrainConfig(batch_size=4, effective_batch=8, epochs=None, token_budget=1000)
+    assert total_steps(100, 16, cfg) == 8  # ceil(1000 / (8 * 16))
+
+
+def test_eos_is_a_trained_target(tmp_path: Path):
+    stream = np.array([0, 5, 6, 7] * 64, dtype=np.int32)
+    model = _model()
+    cfg = TrainConfig(lr=1e-2, batch_size=8, effective_batch=8, seq_len=16, epochs=40)
+    train_model(
+        model,
+        make_blocks(stream, 16),
+        cfg,
+        data_seed=0,
+        device=CPU,
+        checkpoint_path=tmp_path / "ck.pt",
+        checkpoint_key="k",
+    )
+    with torch.no_grad():
+        probs = model(torch.tensor([[0, 5, 6, 7]])).logits[0, -1].softmax(-1)
+    assert float(probs[0]) > 0.9  # the story ends after "5 6 7": EOS was not masked
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resumed_training_equals_uninterrupted(tmp_path: Path, accum: int):
+    cfg = TrainConfig(
+        batch_size=4, effective_batch=4 * accum, seq_len=16, epochs=3, checkpoint_every=5, lr=3e-3
+    )
+    blocks = _blocks()
+    full = _model()
+    stats = train_model(
+        full,
+        blocks,
+        cfg,
+        data_seed=9,
+        device=CPU,
+        checkpoint_path=tmp_path / "ck.pt",
+        checkpoint_key="k",
+    )
+    assert stats["resumed_from_step"] == 0 and stats["steps"] > 5
+    saved = torch.load(tmp_path / "ck.pt", weights_only=False)
+    assert 0 < saved["step"] < stats["steps"]
+    # a fresh process would build a fresh model and find this checkpoint
+    resumed_model = _model()
+    resumed = train_model(
+        resumed_model,
+        blocks,
+        cfg,
+        data_seed=9,
+        device=CPU,
+        checkpoint_path=tmp_path / "ck.pt",
+        checkpoint_key="k",
+    )
+    assert resumed["resumed_from_step"] == saved["step"]
+    assert resumed["losses"] == stats["losses"]
+    for a, b in zip(full.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_from_other_inputs_is_not_resumed(tmp_path: Path):
+    cfg = TrainConfig(batch_size=4, effective_batch=4, seq_len=16, epochs=2, checkpoint_every=3)
+    train_model(
+        _model(),
+        _blocks(),
+        cfg,
+        data_seed=1,
+        device=CPU,
+        checkpoint_path=tmp_path / "ck.pt",
+        checkpoint_key="old",
+    )
+    stats = train_model(
+        _model(),
+        _blocks(),
+        cfg,
+        data_seed=1,
+        device=CPU,
+        checkpoint_path=tmp_path / "ck.pt",
+        checkpoint_key="new",
+    )
+    assert stats["resumed_from_step"] == 0
+
+
+def test_data_order_depends_on_the_seed(tmp_path: Path):
+    cfg = TrainConfig(batch_size=4, effective_batch=4, seq_len=16, epochs=1, checkpoint_every=99)
+    a = train_model(
+        _model(),
+        _blocks(),
+        cfg,
+        data_seed=1,
+        device=CPU,
+        checkpoint_path=tmp_path / "a.pt",
+        checkpoint_key="k",
+    )
+    b = train_model(
+        _model(),
+        _blocks(),
+        cfg,
+        data_seed=2,
+        device=CPU,
+        checkpoint_path=tmp_path / "b.pt",
+        checkpoint_key="k",
+    )
+    assert a["losses"] != b["losses"]
