@@ -130,9 +130,6 @@ def _weighted(where: str, value: Any) -> tuple[tuple[str, ...], tuple[float, ...
         pairs = [(value, 1.0)]
     elif isinstance(value, list):
         pairs = [(item, 1.0) for item in value]
-        dups = sorted({x for x in value if value.count(x) > 1}, key=str)
-        if dups:  # a repeat would silently double that item's probability
-            raise ValueError(f"{where}: duplicate items {dups}")
     elif isinstance(value, dict):
         pairs = list(value.items())
     else:
@@ -147,6 +144,10 @@ def _weighted(where: str, value: Any) -> tuple[tuple[str, ...], tuple[float, ...
             raise ValueError(f"{where}: weight of {item!r} must be finite")
     if not pairs:
         raise ValueError(f"{where}: is empty")
+    items = [p[0] for p in pairs]
+    dups = sorted({x for x in items if items.count(x) > 1})
+    if dups:  # a repeat would silently double that item's probability
+        raise ValueError(f"{where}: duplicate items {dups}")
     return tuple(p[0] for p in pairs), tuple(float(p[1]) for p in pairs)
 
 
@@ -235,7 +236,7 @@ class Automaton:
         Raises:
             ValueError: the data is malformed, a name is unknown or a rule is recursive.
         """
-        lists, rules, entities = (spec.get(key) or {} for key in _SECTIONS)
+        rules, lists, entities = (spec.get(key) or {} for key in _SECTIONS)
         clash = (lists.keys() & rules.keys()) | (lists.keys() | rules.keys()) & entities.keys()
         if clash:
             raise ValueError(f"names used twice across rules/lists/entities: {sorted(clash)}")
