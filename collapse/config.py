@@ -203,7 +203,21 @@ class Config(Section):
     def _cross_section(self) -> Config:
         from collapse.models import resolve_model_fields
 
-        resolve_model_fields(self.model)  # raises ValueError naming missing fields
+        fields = resolve_model_fields(self.model)  # raises ValueError naming missing fields
+        positions = fields["max_position_embeddings"]
+        problems = []
+        if self.train.seq_len > positions:
+            problems.append(
+                f"train.seq_len ({self.train.seq_len}) exceeds model.max_position_embeddings "
+                f"({positions})"
+            )
+        if self.sample.max_new_tokens + 1 > positions:
+            problems.append(
+                f"sample.max_new_tokens ({self.sample.max_new_tokens}) + the BOS token exceeds "
+                f"model.max_position_embeddings ({positions})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

@@ -10,30 +10,32 @@ import pyarrow.parquet as pq
 import torch
 
 from collapse.corpus.parquet import shard_name
-from collapse.sample import sample_batch, sample_corpus, shard_sizes
+from collapse.sample import draw_tokens, sample_batch, sample_corpus, shard_sizes
 from collapse.store import sha256_file
 
 
-def test_same_tokens_as_generate_under_the_same_seed(tiny_model):
-    torch.manual_seed(11)
-    ours, ended = sample_batch(tiny_model, 6, 40, bos_id=0, eos_id=0)
-    torch.manual_seed(11)
-    ref = tiny_model.generate(
-        torch.zeros(6, 1, dtype=torch.long),
-        attention_mask=torch.ones(6, 1, dtype=torch.long),
-        do_sample=True,
-        top_k=0,
-        top_p=1.0,
-        temperature=1.0,
-        max_new_tokens=40,
-        pad_token_id=0,
-        eos_token_id=0,
-    )
-    for row, seq, fin in zip(ref.tolist(), ours, ended, strict=True):
-        generated = row[1:]
-        expected = generated[: generated.index(0)] if 0 in generated else generated
-        assert seq == expected
-        assert fin == (0 in generated)
+def test_draw_tokens_samples_the_exact_distribution():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    torch.manual_seed(0)
+    draws = torch.stack([draw_tokens(probs) for _ in range(20000)])
+    assert set(draws[:, 1].tolist()) == {4}
+    freq = torch.bincount(draws[:, 0], minlength=5).double() / len(draws)
+    assert freq[1] == 0 and freq[4] == 0  # zero-probability tokens are never drawn
+    # within 5 standard errors of the true probabilities
+    se = (probs[0] * (1 - probs[0]) / len(draws)).sqrt().double()
+    assert torch.all((freq - probs[0].double()).abs() <= 5 * se + 1e-12)
+
+
+def test_first_token_follows_the_model_distribution(tiny_model):
+    with torch.no_grad():
+        probs = tiny_model(torch.zeros(1, 1, dtype=torch.long)).logits[0, -1].softmax(-1)
+    torch.manual_seed(1)
+    seqs, ended = sample_batch(tiny_model, 4000, 1, bos_id=0, eos_id=0)
+    first = torch.tensor([s[0] if s else 0 for s in seqs])
+    freq = torch.bincount(first, minlength=50).double() / 4000
+    se = (probs * (1 - probs) / 4000).sqrt().double()
+    assert torch.all((freq - probs.double()).abs() <= 5 * se + 1e-3)
+    assert sum(ended) == sum(1 for s in seqs if not s)  # EOS first = empty, finished story
 
 
 def test_top_k_restricts_the_support(tiny_model):
