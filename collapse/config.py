@@ -50,22 +50,28 @@ class RunConfig(Section):
 class ModelConfig(Section):
     """GPT-Neo architecture. A preset fills every field; explicit fields override it."""
 
-    preset: Literal["tinystories-1m", "tinystories-33m"] | None = None
-    num_layers: PositiveInt | None = None
-    hidden_size: PositiveInt | None = None
-    num_heads: PositiveInt | None = None
-    intermediate_size: PositiveInt | None = None
-    window_size: PositiveInt | None = None
-    max_position_embeddings: PositiveInt | None = None
-    attention_pattern: Literal["global-local", "global", "local"] | None = None
-    activation_function: str | None = None
-    layer_norm_epsilon: PositiveFloat | None = None
+    preset: Literal["tinystories-1m", "tinystories-33m"] | None = Field(
+        None, description="TinyStories-1M/-33M architecture (the paper's); fills the fields below."
+    )
+    num_layers: PositiveInt | None = Field(None, description="Transformer blocks.")
+    hidden_size: PositiveInt | None = Field(None, description="Width of the residual stream.")
+    num_heads: PositiveInt | None = Field(None, description="Attention heads per block.")
+    intermediate_size: PositiveInt | None = Field(None, description="MLP width; 4 x hidden.")
+    window_size: PositiveInt | None = Field(None, description="Local-attention window (tokens).")
+    max_position_embeddings: PositiveInt | None = Field(
+        None, description="Longest sequence the model can see (learned positions)."
+    )
+    attention_pattern: Literal["global-local", "global", "local"] | None = Field(
+        None, description="Per-layer attention; global-local alternates, as GPT-Neo does."
+    )
+    activation_function: str | None = Field(None, description="MLP activation (gelu_new).")
+    layer_norm_epsilon: PositiveFloat | None = Field(None, description="LayerNorm epsilon.")
 
 
 class TokenizerConfig(Section):
     """`gpt2` (real GPT-2 BPE, offline), `bpe` (trained on the run's corpus) or `hub:<name>`."""
 
-    name: str = "bpe"
+    name: str = Field("bpe", description="gpt2 | bpe | hub:<name>.")
     vocab_size: PositiveInt = Field(4096, description="Only for `bpe`.")
     min_frequency: PositiveInt = Field(2, description="Only for `bpe`.")
 
@@ -80,17 +86,19 @@ class TokenizerConfig(Section):
 class CorpusConfig(Section):
     """The initial (human) corpus: generation 0."""
 
-    source: Literal["synthetic", "hub", "local"] = "synthetic"
+    source: Literal["synthetic", "hub", "local"] = Field(
+        "synthetic", description="Built-in story grammar, a hub dataset, or a local file."
+    )
     # synthetic
     num_stories: PositiveInt = Field(4000, description="synthetic: stories to generate.")
     # hub
     dataset: str | None = Field(None, description="hub: dataset id, e.g. roneneldan/TinyStories.")
-    dataset_config: str | None = None
-    split: str = "train"
+    dataset_config: str | None = Field(None, description="hub: dataset configuration name.")
+    split: str = Field("train", description="hub: split holding the training stories.")
     validation_split: str | None = Field(
         None, description="hub: the dataset's own validation split; else a holdout is cut."
     )
-    text_column: str = "text"
+    text_column: str = Field("text", description="hub/jsonl/parquet: column of the stories.")
     # local
     path: str | None = Field(None, description="local: file (.txt, .jsonl, .parquet).")
     txt_mode: Literal["blocks", "lines"] = Field(
@@ -98,8 +106,12 @@ class CorpusConfig(Section):
     )
     # all sources
     max_documents: PositiveInt | None = Field(None, description="Keep only the first N docs.")
-    validation_fraction: float = Field(0.05, gt=0, lt=1)
-    max_validation_documents: PositiveInt | None = None
+    validation_fraction: float = Field(
+        0.05, gt=0, lt=1, description="Holdout cut (seeded) when there is no validation split."
+    )
+    max_validation_documents: PositiveInt | None = Field(
+        None, description="Cap on validation documents (perplexity cost)."
+    )
 
     @model_validator(mode="after")
     def _source_fields(self) -> CorpusConfig:
@@ -118,21 +130,23 @@ class CorpusConfig(Section):
 class TrainConfig(Section):
     """One generation's training: identical for every generation."""
 
-    lr: PositiveFloat = 5e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(0.1, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    lr: PositiveFloat = Field(5e-4, description="AdamW learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant (the paper) or cosine decay to 0."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up optimizer steps.")
     batch_size: PositiveInt = Field(16, description="Sequences per forward pass.")
     effective_batch: PositiveInt = Field(16, description="Sequences per optimizer step.")
     seq_len: PositiveInt = Field(256, description="Tokens per training sequence (context).")
     epochs: PositiveFloat | None = Field(1, description="Passes over the corpus.")
     token_budget: PositiveInt | None = Field(None, description="Train on this many tokens.")
-    grad_clip: PositiveFloat | None = 1.0
+    grad_clip: PositiveFloat | None = Field(1.0, description="Max gradient norm; null: off.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA with bf16 support, else fp16; fp32 on CPU."
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
     checkpoint_every: PositiveInt = Field(200, description="Optimizer steps between checkpoints.")
 
     @field_validator("betas")
@@ -157,25 +171,27 @@ class TrainConfig(Section):
 class SampleConfig(Section):
     """Ancestral sampling of the next generation's corpus."""
 
-    num_sequences: PositiveInt = 2000
-    max_new_tokens: PositiveInt = 600
-    batch_size: PositiveInt = 200
+    num_sequences: PositiveInt = Field(2000, description="Size of each generated corpus.")
+    max_new_tokens: PositiveInt = Field(600, description="Length cap; a sequence stops at EOS.")
+    batch_size: PositiveInt = Field(200, description="Sequences sampled together.")
     shard_size: PositiveInt = Field(1000, description="Sequences per Parquet shard.")
-    temperature: PositiveFloat = 1.0
+    temperature: PositiveFloat = Field(1.0, description="Softmax temperature (paper: 1).")
     top_k: int = Field(0, ge=0, description="0 disables top-k (the paper: disabled).")
     top_p: float = Field(1.0, gt=0, le=1, description="1.0 disables nucleus sampling.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
 
 
 class EvalConfig(Section):
     """Per-generation evaluations."""
 
-    metrics: list[Literal["perplexity", "entropy"]] = ["perplexity", "entropy"]
-    batch_size: PositiveInt = 32
+    metrics: list[Literal["perplexity", "entropy"]] = Field(
+        ["perplexity", "entropy"], description="Evaluations run on every generation."
+    )
+    batch_size: PositiveInt = Field(32, description="Perplexity windows per forward pass.")
     context: PositiveInt | None = Field(
         None, description="Perplexity window; default: the model's max positions or train.seq_len."
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
 
 
 class OrchestrationConfig(Section):
@@ -184,7 +200,18 @@ class OrchestrationConfig(Section):
     gpu_concurrency_limit: str | None = Field(
         None, description="Name of a Prefect global concurrency limit held by GPU stages."
     )
-    progress_bars: Literal["auto", "on", "off"] = "auto"
+    progress_bars: Literal["auto", "on", "off"] = Field(
+        "auto", description="Training/sampling progress bars; auto: when stderr is a terminal."
+    )
+    generation_deployment: str | None = Field(
+        None,
+        pattern=r"^[^/]+/[^/]+$",
+        description=(
+            "'flow/deployment' of a deployed generation flow (e.g. 'generation/gpu'): each "
+            "generation then runs on that deployment's work pool through run_deployment. "
+            "run.artifact_root must be storage that the workers share."
+        ),
+    )
 
 
 class Config(Section):

@@ -11,6 +11,7 @@ setting) the full distribution at temperature T is sampled.
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,6 @@ def sample_corpus(
     progress_path = out_dir / "_progress.json"
     done: dict[str, str] = {}
     if progress_path.exists():
-        import json
-
         state = json.loads(progress_path.read_text())
         if state.get("key") == progress_key:
             done = state["shards"]
@@ -146,6 +145,8 @@ def sample_corpus(
     for name in stale:
         (out_dir / name).unlink()
     reused = 0
+    if done and log:
+        log(f"resuming sampling: {len(done)} of {len(sizes)} shards already written")
     bar = tqdm(total=cfg.num_sequences, disable=not progress, desc="sample", unit="seq")
     for index, size in enumerate(sizes):
         name = shard_name(index)

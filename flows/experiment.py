@@ -21,6 +21,7 @@ from prefect.artifacts import (
 )
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
+from prefect.deployments import run_deployment
 
 from collapse.config import Config
 from collapse.pipeline import (
@@ -31,6 +32,7 @@ from collapse.pipeline import (
     run_stage,
     stage_key,
     stages_of,
+    valid_record,
 )
 from collapse.store import RunStore
 
@@ -91,6 +93,49 @@ def generation(config: dict[str, Any], run_id: str, gen: int) -> list[dict]:
     return results
 
 
+def run_generation_remotely(
+    ctx: Context, config: dict[str, Any], run_id: str, gen: int, deployment: str
+) -> list[dict]:
+    """Run one generation on a deployment's work pool and read its outcome from the manifest.
+
+    The worker writes to the same artifact root, so the manifest (not a Prefect result, which
+    would live in the worker's result storage) is where the stages' records come from.
+    """
+    before = {name: valid_record(ctx, gen, name) is not None for name in stages_of(ctx, gen)}
+    flow_run = run_deployment(
+        deployment,
+        parameters={"config": config, "run_id": run_id, "gen": gen},
+        flow_run_name=f"{run_id}-gen-{gen}",
+        timeout=None,  # wait however long the generation takes
+        as_subflow=True,
+    )
+    if flow_run.state is None or not flow_run.state.is_completed():
+        state = flow_run.state.name if flow_run.state else "unknown"
+        raise RuntimeError(
+            f"generation {gen} ended {state} on deployment {deployment!r} (flow run {flow_run.id})"
+        )
+    results = []
+    for name in stages_of(ctx, gen):
+        record = valid_record(ctx, gen, name)
+        if record is None:
+            raise RuntimeError(
+                f"deployment {deployment!r} finished generation {gen} but its {name!r} stage has "
+                f"no valid record under {ctx.store.run_dir}: do the workers share "
+                "run.artifact_root with this process?"
+            )
+        results.append(
+            {
+                "generation": gen,
+                "stage": name,
+                "key": record["key"],
+                "digest": record["digest"],
+                "reused": before[name],
+                "info": record["info"],
+            }
+        )
+    return results
+
+
 def _table_markdown(rows: list[dict[str, Any]]) -> str:
     header = "| gen | perplexity | entropy (bits) | distinct tokens | ended with EOS |"
     lines = [header, "|---|---|---|---|---|"]
@@ -136,9 +181,14 @@ def experiment(
         progress_id = create_progress_artifact(
             0.0, key=artifact_key(run_id, "progress"), description=f"{run_id}: generations done"
         )
+        deployment = ctx.config.orchestration.generation_deployment
         summaries = []
         for gen in range(0, total + 1):
-            summaries.append({"generation": gen, "stages": generation(config, run_id, gen)})
+            if deployment:
+                stages = run_generation_remotely(ctx, config, run_id, gen, deployment)
+            else:
+                stages = generation(config, run_id, gen)
+            summaries.append({"generation": gen, "stages": stages})
             rows = metrics_table(ctx)
             create_table_artifact(
                 rows,

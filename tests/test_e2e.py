@@ -1,0 +1,226 @@
+"""End to end through the CLI and Prefect: reuse, kill -9 and resume, corruption, the UI.
+
+Every run is a real `collapse run` subprocess over a tiny config, with Prefect's ephemeral server
+on a PREFECT_HOME private to this test session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO, tiny_config_dict, write_story_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_story_file(tmp_path_factory.mktemp("corpus") / "stories.txt", n=200)
+
+
+def collapse(home: Path, *args: str, fault: str | None = None, timeout: int = 300):
+    """`collapse ARGS` in a subprocess; returns a CompletedProcess with its output.
+
+    Output goes to files, not pipes, and the process group is killed afterwards: a `kill -9`ed
+    run leaves its ephemeral Prefect server behind, which would otherwise hold the pipes open.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO))
+    env.pop("COLLAPSE_FAULT", None)
+    if fault:
+        env["COLLAPSE_FAULT"] = fault
+    out_path, err_path = home / "last.out", home / "last.err"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *args],
+            stdout=out,
+            stderr=err,
+            text=True,
+            env=env,
+            cwd=home,
+            start_new_session=True,
+        )
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(
+        proc.args, code, out_path.read_text(), err_path.read_text()
+    )
+
+
+def make_config(tmp: Path, corpus: Path, root: Path) -> Path:
+    path = tmp / f"tiny-{root.name}.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(corpus, root)))
+    return path
+
+
+def run_dir(root: Path) -> Path:
+    (only,) = [p for p in root.iterdir() if p.is_dir()]
+    return only
+
+
+def output_hashes(root: Path, prefix: str) -> dict[str, str]:
+    """run-relative path -> sha256 of every recorded output under `prefix` (e.g. corpus)."""
+    hashes = {}
+    for manifest in sorted(run_dir(root).glob("gen-*/manifest.json")):
+        for stage in json.loads(manifest.read_text())["stages"].values():
+            hashes.update({k: v for k, v in stage["outputs"].items() if f"/{prefix}" in k})
+    return hashes
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, home: Path, corpus: Path) -> Path:
+    """An uninterrupted 2-generation run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    root = tmp / "artifacts"
+    proc = collapse(home, "run", str(make_config(tmp, corpus, root)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root
+
+
+def test_a_run_prints_its_table_and_a_rerun_reuses_everything(reference: Path, home: Path):
+    config = next(reference.parent.glob("tiny-*.yaml"))
+    corpus_files = output_hashes(reference, "corpus/")
+    assert {Path(k).parent.as_posix() for k in corpus_files} == {
+        "gen-000/corpus",
+        "gen-001/corpus",
+        "gen-002/corpus",
+    }
+    proc = collapse(home, "run", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert "every generation was reused" in proc.stdout
+    assert "perplexity" in proc.stdout and "entropy" in proc.stdout
+    assert str(run_dir(reference).resolve()) in proc.stdout
+    assert "Cached" in proc.stdout + proc.stderr  # Prefect shows the reuse too
+    status = collapse(home, "status", run_dir(reference).name, "--root", str(reference))
+    assert status.returncode == 0
+    assert "gen   2  train:done  sample:done  eval.perplexity:done  eval.entropy:done" in (
+        status.stdout
+    )
+
+
+@pytest.mark.parametrize(
+    ("fault", "resume_line"),
+    [("train:1", "resuming training from checkpoint at step 3"), ("sample:1", "resuming sampling")],
+)
+def test_kill_9_then_resume_equals_uninterrupted(
+    tmp_path: Path, home: Path, corpus: Path, reference: Path, fault: str, resume_line: str
+):
+    root = tmp_path / "artifacts"
+    config = make_config(tmp_path, corpus, root)
+    killed = collapse(home, "run", str(config), fault=fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    gen1 = run_dir(root) / "gen-001"
+    if fault.startswith("train"):
+        assert (gen1 / "train-state" / "checkpoint.pt").is_file()
+        assert not (gen1 / "model").exists()
+    else:
+        assert (gen1 / "corpus" / "_progress.json").is_file()
+    resumed = collapse(home, "run", str(config))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert resume_line in resumed.stdout + resumed.stderr
+    assert output_hashes(root, "corpus/") == output_hashes(reference, "corpus/")
+    assert output_hashes(root, "model/") == output_hashes(reference, "model/")
+    assert not list(run_dir(root).rglob("*.tmp"))
+
+
+def test_a_corrupted_artifact_is_recomputed_with_everything_after_it(
+    tmp_path: Path, home: Path, corpus: Path, reference: Path
+):
+    root = tmp_path / "artifacts"
+    shutil.copytree(reference, root)
+    shard = run_dir(root) / "gen-001" / "corpus" / "part-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    proc = collapse(home, "run", str(make_config(tmp_path, corpus, root)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "generation 0: reused" in proc.stdout
+    assert "generation 1: computed 3/4 stages" in proc.stdout  # sample + both evaluations
+    assert "generation 2: computed 4/4 stages" in proc.stdout
+    assert output_hashes(root, "corpus/") == output_hashes(reference, "corpus/")
+
+
+def test_from_generation_recomputes_that_generation_and_later(
+    tmp_path: Path, home: Path, corpus: Path, reference: Path
+):
+    root = tmp_path / "artifacts"
+    shutil.copytree(reference, root)
+    config = make_config(tmp_path, corpus, root)
+    proc = collapse(home, "run", str(config), "--from-generation", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "generation 1: reused" in proc.stdout
+    assert "generation 2: computed 4/4 stages" in proc.stdout
+    bad = collapse(home, "run", str(config), "--from-generation", "7")
+    assert bad.returncode == 2 and "between 0 and run.generations" in bad.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_runs_and_artifacts_are_visible_in_the_ui(home: Path, reference: Path):
+    run_id = run_dir(reference).name
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO))
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "ui", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=home,
+        start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.time() + 180
+        while not (home / "ui-server.json").exists():
+            assert ui.poll() is None, ui.stdout.read()
+            assert time.time() < deadline, "the UI server did not start"
+            time.sleep(0.5)
+        runs = _post(f"{api}/flow_runs/filter", {"limit": 200})
+        names = {r["name"] for r in runs}
+        assert run_id in names and f"{run_id}-gen-1" in names and f"{run_id}-gen-2" in names
+        key = f"{run_id}-metrics"
+        artifacts = _post(f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}})
+        assert artifacts and artifacts[0]["type"] == "table"
+        rows = json.loads(artifacts[0]["data"])
+        assert [r["generation"] for r in rows] == [0, 1, 2]
+        # a run started while the UI is up reports to it
+        config = next(reference.parent.glob("tiny-*.yaml"))
+        again = collapse(home, "run", str(config))
+        assert again.returncode == 0 and api in again.stdout
+        assert len(_post(f"{api}/flow_runs/filter", {"limit": 200})) > len(runs)
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=60)
