@@ -98,8 +98,10 @@ def main() -> None:
                 best[name], tokens[name] = elapsed, n
     rates = {name: tokens[name] / best[name] for name in sides}
     for name in sides:
-        print(f"{name:22s} {tokens[name]:>9,} tokens in {best[name]:7.3f} s  "
-              f"{rates[name]:>12,.0f} tokens/s")
+        print(
+            f"{name:22s} {tokens[name]:>9,} tokens in {best[name]:7.3f} s  "
+            f"{rates[name]:>12,.0f} tokens/s"
+        )
     ratio = rates["collapse (ours)"] / rates["reference (generate)"]
     print(f"speed-up (ours / reference): {ratio:.2f}x")
 

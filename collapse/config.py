@@ -181,17 +181,64 @@ class SampleConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
 
 
+class OOVEvalConfig(Section):
+    """Non-word counts (eval `oov`)."""
+
+    lexicon_min_count: PositiveInt = Field(
+        3, description="Words seen this often in the human corpus join the lexicon (names)."
+    )
+    max_documents: PositiveInt | None = Field(
+        None, description="Score only the first N documents of each corpus (cost cap)."
+    )
+    n_process: PositiveInt = Field(1, description="spaCy worker processes.")
+
+
+class DiversityEvalConfig(Section):
+    """Repetition and diversity (eval `diversity`)."""
+
+    n_max: int = Field(4, ge=1, le=8, description="distinct-n and rep-n for n = 1..n_max.")
+    self_bleu_samples: int = Field(
+        200, ge=2, description="Documents in the seeded self-BLEU sample."
+    )
+
+
+class ExcerptsEvalConfig(Section):
+    """Stories shown per generation (eval `excerpts`)."""
+
+    count: PositiveInt = Field(8, description="Stories per generation (seeded choice).")
+    max_words: PositiveInt = Field(40, description="First sentence, or this many words.")
+
+
+EVALUATIONS = ("perplexity", "entropy", "oov", "diversity", "excerpts")
+
+
 class EvalConfig(Section):
     """Per-generation evaluations."""
 
-    metrics: list[Literal["perplexity", "entropy"]] = Field(
-        ["perplexity", "entropy"], description="Evaluations run on every generation."
+    metrics: list[str] = Field(
+        list(EVALUATIONS),
+        description="Evaluations run on every generation, by registry name.",
     )
     batch_size: PositiveInt = Field(32, description="Perplexity windows per forward pass.")
     context: PositiveInt | None = Field(
         None, description="Perplexity window; default: the model's max positions or train.seq_len."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
+    oov: OOVEvalConfig = OOVEvalConfig()
+    diversity: DiversityEvalConfig = DiversityEvalConfig()
+    excerpts: ExcerptsEvalConfig = ExcerptsEvalConfig()
+
+    @field_validator("metrics")
+    @classmethod
+    def _registered(cls, value: list[str]) -> list[str]:
+        # The names of collapse.evals.REGISTRY (a test keeps the two equal; importing the
+        # registry here would be circular).
+        unknown = [m for m in value if m not in EVALUATIONS]
+        if unknown:
+            raise ValueError(f"unknown evaluations {unknown}; choose from {list(EVALUATIONS)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists an evaluation twice: {value}")
+        return value
 
 
 class OrchestrationConfig(Section):

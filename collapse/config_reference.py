@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from collapse.config import Config
@@ -18,6 +19,17 @@ def _default(info: FieldInfo) -> str:
     return "required" if info.is_required() else json.dumps(value)
 
 
+def _rows(prefix: str, model: type[BaseModel]) -> list[str]:
+    rows = []
+    for name, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            rows += _rows(f"{prefix}.{name}", info.annotation)  # a nested section
+            continue
+        meaning = (info.description or "").replace("|", "\\|")
+        rows.append(f"| `{prefix}.{name}` | `{_default(info)}` | {meaning} |")
+    return rows
+
+
 def reference_markdown() -> str:
     """One markdown table per config section: key, default, meaning."""
     blocks = []
@@ -25,10 +37,7 @@ def reference_markdown() -> str:
         model = section_info.annotation
         doc = (model.__doc__ or "").strip().splitlines()[0]
         lines = [f"**`{section}`**: {doc}", "", "| key | default | meaning |", "|---|---|---|"]
-        for name, info in model.model_fields.items():
-            meaning = (info.description or "").replace("|", "\\|")
-            lines.append(f"| `{section}.{name}` | `{_default(info)}` | {meaning} |")
-        blocks.append("\n".join(lines))
+        blocks.append("\n".join(lines + _rows(section, model)))
     return "\n\n".join(blocks) + "\n"
 
 

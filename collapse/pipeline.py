@@ -13,43 +13,39 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collapse.config import Config, config_to_dict, section_hash
-from collapse.corpus.parquet import (
-    documents,
-    packed_stream,
-    shard_name,
-    shard_paths,
-    write_shard,
+from collapse.config import config_to_dict, section_hash
+from collapse.context import (
+    Context,
+    corpus_digest,
+    load_model,
+    load_run_tokenizer,
+    stage_record,
 )
+from collapse.corpus.parquet import packed_stream, shard_name, shard_paths, write_shard
 from collapse.device import pick_device
+from collapse.evals import REGISTRY, evaluation, write_result
 from collapse.models import gpt_neo_config, init_model, resolve_model_fields
 from collapse.seeding import derive_seed
-from collapse.store import RunStore, atomic_dir, atomic_write_json, sha256_json
+from collapse.store import atomic_dir, atomic_write_json, sha256_json
 
 # Bump a stage's version when a code change alters its output; only that stage and what depends
-# on it are then recomputed (the git SHA is deliberately not part of any key).
-STAGE_VERSIONS = {"corpus": 1, "train": 1, "sample": 1, "eval.perplexity": 1, "eval.entropy": 1}
+# on it are then recomputed (the git SHA is deliberately not part of any key). Evaluations carry
+# their versions in the registry (collapse.evals).
+STAGE_VERSIONS = {"corpus": 1, "train": 1, "sample": 1}
 CHAIN_STAGES = ("corpus", "train", "sample")
-EVAL_METRICS = ("perplexity", "entropy")
+
+__all__ = ["Context", "load_model", "load_run_tokenizer"]
 
 
-@dataclass
-class Context:
-    """What every stage needs: the config, the store, and how to report."""
-
-    config: Config
-    store: RunStore
-    progress: bool = False
-    log: Callable[[str], None] = field(default=print)
+def _version(stage: str) -> int:
+    return STAGE_VERSIONS[stage] if stage in STAGE_VERSIONS else evaluation(stage).version
 
 
 def _key(stage: str, *parts: Any) -> str:
-    return sha256_json({"stage": stage, "version": STAGE_VERSIONS[stage], "parts": parts})
+    return sha256_json({"stage": stage, "version": _version(stage), "parts": parts})
 
 
 def _without(section: Any, *names: str) -> dict[str, Any]:
@@ -57,18 +53,6 @@ def _without(section: Any, *names: str) -> dict[str, Any]:
     for name in names:
         data.pop(name, None)
     return data
-
-
-def _record(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
-    record = ctx.store.read_manifest(gen)["stages"].get(stage)
-    if record is None:
-        raise RuntimeError(f"generation {gen} has no finished {stage!r} stage")
-    return record
-
-
-def corpus_digest(ctx: Context, gen: int) -> str:
-    """Content digest of generation `gen`'s corpus (gen 0: human corpus + tokenizer)."""
-    return _record(ctx, gen, "corpus" if gen == 0 else "sample")["digest"]
 
 
 def stage_key(ctx: Context, gen: int, stage: str) -> str:
@@ -87,18 +71,15 @@ def stage_key(ctx: Context, gen: int, stage: str) -> str:
         )
     if stage == "sample":
         sample = _without(cfg.sample, "device")
-        return _key(stage, sample, cfg.run.seed, gen, _record(ctx, gen, "train")["digest"])
-    if stage == "eval.perplexity":
-        model = _record(ctx, gen, "train")["digest"]
-        return _key(stage, cfg.eval.context, model, corpus_digest(ctx, 0))
-    if stage == "eval.entropy":
-        return _key(stage, corpus_digest(ctx, gen))
+        return _key(stage, sample, cfg.run.seed, gen, stage_record(ctx, gen, "train")["digest"])
+    if stage.startswith("eval.") and stage.removeprefix("eval.") in REGISTRY:
+        return _key(stage, *evaluation(stage).key_parts(ctx, gen))
     raise ValueError(f"unknown stage {stage!r}")
 
 
 def stages_of(ctx: Context, gen: int) -> list[str]:
     """Stages of a generation in execution order."""
-    metrics = [m for m in ctx.config.eval.metrics if gen > 0 or m == "entropy"]
+    metrics = [m for m in ctx.config.eval.metrics if gen > 0 or REGISTRY[m].on_human_corpus]
     chain = ["corpus"] if gen == 0 else ["train", "sample"]
     return chain + [f"eval.{m}" for m in metrics]
 
@@ -140,14 +121,13 @@ def run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
     if record is not None:
         return {**record, "reused": True}
     _drop_downstream(ctx, gen, stage)
-    runner = {
-        "corpus": _run_corpus,
-        "train": _run_train,
-        "sample": _run_sample,
-        "eval.perplexity": _run_perplexity,
-        "eval.entropy": _run_entropy,
-    }[stage]
-    outputs, info = runner(ctx, gen)
+    if stage in CHAIN_STAGES:
+        runner = {"corpus": _run_corpus, "train": _run_train, "sample": _run_sample}[stage]
+        outputs, info = runner(ctx, gen)
+    else:
+        name = stage.removeprefix("eval.")
+        info, extra = evaluation(stage).run(ctx, gen)
+        outputs = [write_result(ctx, gen, name, info), *extra]
     return {**ctx.store.record_stage(gen, stage, key, outputs, info), "reused": False}
 
 
@@ -202,20 +182,6 @@ def _run_corpus(ctx: Context, gen: int) -> tuple[list[Path], dict[str, Any]]:
         f"{n_tokens} train tokens, vocabulary {len(tok)}"
     )
     return [corpus_dir, gdir / "validation.parquet", gdir / "tokenizer"], info
-
-
-def load_run_tokenizer(ctx: Context) -> Any:
-    """The run's tokenizer (saved in generation 0)."""
-    from collapse.tokenizer import load_tokenizer
-
-    return load_tokenizer(ctx.store.gen_dir(0) / "tokenizer")
-
-
-def load_model(ctx: Context, gen: int, device: Any) -> Any:
-    """Generation `gen`'s trained model."""
-    from transformers import GPTNeoForCausalLM
-
-    return GPTNeoForCausalLM.from_pretrained(str(ctx.store.gen_dir(gen) / "model")).to(device)
 
 
 # --- generation g >= 1 --------------------------------------------------------------------
@@ -292,43 +258,6 @@ def _run_sample(ctx: Context, gen: int) -> tuple[list[Path], dict[str, Any]]:
     return [corpus_dir], stats
 
 
-def _write_eval(ctx: Context, gen: int, name: str, result: dict[str, Any]) -> list[Path]:
-    path = ctx.store.gen_dir(gen) / "eval" / f"{name}.json"
-    atomic_write_json(path, {"metric": name, "generation": gen, **result})
-    return [path]
-
-
-def _run_perplexity(ctx: Context, gen: int) -> tuple[list[Path], dict[str, Any]]:
-    from collapse.metrics.perplexity import perplexity
-
-    cfg = ctx.config
-    device = pick_device(cfg.eval.device)
-    tok = load_run_tokenizer(ctx)
-    model = load_model(ctx, gen, device)
-    context = cfg.eval.context or min(model.config.max_position_embeddings, cfg.train.seq_len)
-    docs = list(documents([ctx.store.gen_dir(0) / "validation.parquet"]))
-    result = perplexity(
-        model,
-        docs,
-        tok.bos_token_id,
-        tok.eos_token_id,
-        context=context,
-        batch_size=cfg.eval.batch_size,
-        device=device,
-    )
-    ctx.log(f"gen {gen}: validation perplexity {result['perplexity']:.3f}")
-    return _write_eval(ctx, gen, "perplexity", result), result
-
-
-def _run_entropy(ctx: Context, gen: int) -> tuple[list[Path], dict[str, Any]]:
-    from collapse.metrics.entropy import corpus_entropy
-
-    tok = load_run_tokenizer(ctx)
-    result = corpus_entropy(shard_paths(ctx.store.gen_dir(gen) / "corpus"), len(tok))
-    ctx.log(f"gen {gen}: corpus entropy {result['entropy_bits']:.3f} bits")
-    return _write_eval(ctx, gen, "entropy", result), result
-
-
 # --- run-level ----------------------------------------------------------------------------
 
 
@@ -357,26 +286,28 @@ def freeze_config(ctx: Context) -> None:
     atomic_write_bytes(frozen_hash_path, (current + "\n").encode())
 
 
+def table_columns(config: Any) -> list[Any]:
+    """The per-generation table's value columns: those of the configured evaluations."""
+    return [c for m in config.eval.metrics for c in REGISTRY[m].columns]
+
+
 def metrics_table(ctx: Context, generations: int | None = None) -> list[dict[str, Any]]:
-    """One row per generation from the manifests: perplexity, entropy, distinct tokens, status."""
+    """One row per generation from the manifests: each evaluation's table values, and status.
+
+    A value is None where its evaluation has not run (or does not apply, e.g. perplexity of
+    the human corpus).
+    """
     last = ctx.config.run.generations if generations is None else generations
     rows = []
     for gen in range(0, last + 1):
         stages = ctx.store.read_manifest(gen)["stages"]
-        ppl = stages.get("eval.perplexity", {}).get("info", {})
-        ent = stages.get("eval.entropy", {}).get("info", {})
-        sample = stages.get("sample", {}).get("info", {})
+        row: dict[str, Any] = {"generation": gen}
+        for m in ctx.config.eval.metrics:
+            info = stages.get(f"eval.{m}", {}).get("info", {})
+            for column in REGISTRY[m].columns:
+                row[column.key] = info.get(column.source)
         expected = stages_of(ctx, gen)
-        rows.append(
-            {
-                "generation": gen,
-                "perplexity": ppl.get("perplexity"),
-                "entropy_bits": ent.get("entropy_bits"),
-                "distinct_tokens": ent.get("distinct_tokens"),
-                "finished_fraction": ent.get("finished_fraction", sample.get("finished_fraction")),
-                "mean_length": ent.get("mean_length"),
-                "stages_done": sum(s in stages for s in expected),
-                "stages_total": len(expected),
-            }
-        )
+        row["stages_done"] = sum(s in stages for s in expected)
+        row["stages_total"] = len(expected)
+        rows.append(row)
     return rows

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from collapse.config import ConfigError, config_to_dict, load_config, run_id_for
 
@@ -23,25 +22,6 @@ EXIT_USAGE = 2
 def _fail(message: str) -> int:
     print(f"collapse: error: {message}", file=sys.stderr)
     return EXIT_USAGE
-
-
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The per-generation metrics table as aligned text."""
-    head = (
-        f"{'gen':>4}  {'perplexity':>11}  {'entropy':>8}  {'distinct':>8}  {'EOS-ended':>9}  stages"
-    )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['generation']:>4}  {_fmt(r['perplexity']):>11}  {_fmt(r['entropy_bits']):>8}  "
-            f"{_fmt(r['distinct_tokens'], 'd'):>8}  {_fmt(r['finished_fraction']):>9}  "
-            f"{r['stages_done']}/{r['stages_total']}"
-        )
-    return "\n".join(lines)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -62,7 +42,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     api_url = prefect_env.configure()
     from collapse.corpus.sources import CorpusSourceError
+    from collapse.pipeline import table_columns
     from collapse.store import RunLockedError
+    from collapse.table import text_table
     from flows.experiment import experiment
 
     run_dir = Path(config.run.artifact_root) / run_id
@@ -86,16 +68,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if all(s["reused"] for g in result["generations"] for s in g["stages"]):
         print("every generation was reused")
     print()
-    print(format_table(result["table"]))
-    print(f"\nartifacts: {run_dir.resolve()}   ({seconds:.1f} s)")
+    print(text_table(result["table"], table_columns(config)))
+    print(f"\nreport:    {result['report']}")
+    print(f"artifacts: {run_dir.resolve()}   ({seconds:.1f} s)")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """`collapse status [RUN]`: per-generation stage table from the manifests."""
     from collapse.config import Config
-    from collapse.pipeline import Context, metrics_table, stages_of
+    from collapse.pipeline import Context, metrics_table, stages_of, table_columns
     from collapse.store import RunStore
+    from collapse.table import text_table
 
     root = Path(args.root)
     if args.run is None:
@@ -121,7 +105,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         cells = [f"{name}:{'done' if name in stages else '-'}" for name in stages_of(ctx, gen)]
         print(f"gen {gen:>3}  " + "  ".join(cells))
     print()
-    print(format_table(metrics_table(ctx)))
+    print(text_table(metrics_table(ctx), table_columns(cfg)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """`collapse report RUN [RUN ...]`: report.html and PNG figures of one run or an overlay."""
+    from collapse.report import ReportError, write_report
+
+    root = Path(args.root)
+    run_dirs = [Path(r) if Path(r).is_dir() else root / r for r in args.runs]
+    missing = [str(d) for d in run_dirs if not (d / "config.yaml").is_file()]
+    if missing:
+        return _fail(f"not a run directory (no config.yaml): {', '.join(missing)}")
+    try:
+        page = write_report(run_dirs, Path(args.out) if args.out else None)
+    except ReportError as exc:
+        return _fail(str(exc))
+    print(f"report: {page.resolve()}")
     return 0
 
 
@@ -181,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run", nargs="?", help="run id or run folder (omit to list runs)")
     status.add_argument("--root", default="artifacts", help="artifact root (default: artifacts)")
     status.set_defaults(func=cmd_status)
+    report = sub.add_parser("report", help="write report.html and figures of runs")
+    report.add_argument("runs", nargs="+", help="run ids or run folders (several: overlay)")
+    report.add_argument("--root", default="artifacts", help="artifact root (default: artifacts)")
+    report.add_argument("--out", default=None, help="output folder (default: see README)")
+    report.set_defaults(func=cmd_report)
     ui = sub.add_parser("ui", help="start the Prefect UI over this project's runs")
     ui.add_argument("--port", type=int, default=4200)
     ui.set_defaults(func=cmd_ui)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -22,8 +23,10 @@ from prefect.artifacts import (
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
+from transformers.utils import logging as hf_logging
 
 from collapse.config import Config
+from collapse.evals import REGISTRY
 from collapse.pipeline import (
     Context,
     freeze_config,
@@ -34,9 +37,10 @@ from collapse.pipeline import (
     stages_of,
     valid_record,
 )
+from collapse.report import load_run, summary_markdown, write_report
 from collapse.store import RunStore
 
-GPU_STAGES = ("train", "sample", "eval.perplexity")
+GPU_STAGES = ("train", "sample", *(f"eval.{e.name}" for e in REGISTRY.values() if e.needs_gpu))
 
 
 def artifact_key(run_id: str, kind: str) -> str:
@@ -49,6 +53,8 @@ def make_context(config: dict[str, Any], run_id: str) -> Context:
     """Rebuild the library context inside a flow or task (inputs are plain JSON)."""
     cfg = Config.model_validate(config)
     logger = get_run_logger()
+    # transformers' own bars (loading/writing weights, once per stage) only bury the stage bars.
+    hf_logging.disable_progress_bar()
     bars = cfg.orchestration.progress_bars
     progress = bars == "on" or (bars == "auto" and sys.stderr.isatty())
     return Context(cfg, RunStore(cfg.run.artifact_root, run_id), progress, logger.info)
@@ -76,6 +82,12 @@ def stage(config: dict[str, Any], run_id: str, gen: int, name: str, cache_key: s
         "reused": record["reused"],
         "info": record["info"],
     }
+
+
+@task(task_run_name="report")
+def report(run_dir: str) -> str:
+    """Rewrite the run's report.html and figures (cheap; never cached)."""
+    return str(write_report([Path(run_dir)]))
 
 
 @flow(name="generation", flow_run_name="{run_id}-gen-{gen}", log_prints=True)
@@ -136,26 +148,6 @@ def run_generation_remotely(
     return results
 
 
-def _table_markdown(rows: list[dict[str, Any]]) -> str:
-    header = "| gen | perplexity | entropy (bits) | distinct tokens | ended with EOS |"
-    lines = [header, "|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(
-            "| {generation} | {ppl} | {ent} | {distinct} | {fin} |".format(
-                generation=row["generation"],
-                ppl=_fmt(row["perplexity"]),
-                ent=_fmt(row["entropy_bits"]),
-                distinct=row["distinct_tokens"] if row["distinct_tokens"] is not None else "-",
-                fin=_fmt(row["finished_fraction"]),
-            )
-        )
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 @flow(name="experiment", flow_run_name="{run_id}", log_prints=True)
 def experiment(
     config: dict[str, Any], run_id: str, from_generation: int | None = None
@@ -196,10 +188,10 @@ def experiment(
                 description=f"Per-generation metrics of run {run_id} (gen 0 = human corpus)",
             )
             update_progress_artifact(progress_id, 100.0 * gen / total)
+        report_path = report(str(ctx.store.run_dir))
         create_markdown_artifact(
-            f"# Run {run_id}\n\nArtifacts: `{ctx.store.run_dir.resolve()}`\n\n"
-            + _table_markdown(rows),
+            summary_markdown(load_run(ctx.store.run_dir)),
             key=artifact_key(run_id, "summary"),
-            description=f"Summary of run {run_id}",
+            description=f"Summary of run {run_id}; report: {report_path}",
         )
-    return {"generations": summaries, "table": rows}
+    return {"generations": summaries, "table": rows, "report": report_path}

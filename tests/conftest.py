@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from collapse.config import ModelConfig
+from collapse.config import EVALUATIONS, Config, ModelConfig
+from collapse.context import Context
 from collapse.models import gpt_neo_config, init_model
+from collapse.pipeline import freeze_config, run_stage, stages_of
+from collapse.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,3 +80,25 @@ def tiny_model():
         eos_id=0,
     )
     return init_model(cfg, seed=3).eval()
+
+
+def run_all(ctx: Context) -> dict[tuple[int, str], dict]:
+    """Every stage of every generation through the library (no Prefect), in order."""
+    records = {}
+    for gen in range(0, ctx.config.run.generations + 1):
+        for stage in stages_of(ctx, gen):
+            records[(gen, stage)] = run_stage(ctx, gen, stage)
+    return records
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Context:
+    """A 2-generation tiny run with every registered evaluation, computed once per session."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    data = tiny_config_dict(write_story_file(tmp / "stories.txt", n=200), tmp / "artifacts")
+    data["eval"] = {"metrics": list(EVALUATIONS), "excerpts": {"count": 4}}
+    config = Config.model_validate(data)
+    ctx = Context(config, RunStore(config.run.artifact_root, "tiny"), log=lambda _: None)
+    freeze_config(ctx)
+    run_all(ctx)
+    return ctx

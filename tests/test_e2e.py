@@ -114,9 +114,11 @@ def test_a_run_prints_its_table_and_a_rerun_reuses_everything(reference: Path, h
     assert "Cached" in proc.stdout + proc.stderr  # Prefect shows the reuse too
     status = collapse(home, "status", run_dir(reference).name, "--root", str(reference))
     assert status.returncode == 0
-    assert "gen   2  train:done  sample:done  eval.perplexity:done  eval.entropy:done" in (
-        status.stdout
-    )
+    assert (
+        "gen   2  train:done  sample:done  eval.perplexity:done  eval.entropy:done  "
+        "eval.oov:done  eval.diversity:done  eval.excerpts:done"
+    ) in status.stdout
+    assert (run_dir(reference) / "report.html").is_file()
 
 
 @pytest.mark.parametrize(
@@ -154,8 +156,8 @@ def test_a_corrupted_artifact_is_recomputed_with_everything_after_it(
     proc = collapse(home, "run", str(make_config(tmp_path, corpus, root)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "generation 0: reused" in proc.stdout
-    assert "generation 1: computed 3/4 stages" in proc.stdout  # sample + both evaluations
-    assert "generation 2: computed 4/4 stages" in proc.stdout
+    assert "generation 1: computed 6/7 stages" in proc.stdout  # sample + 5 evaluations
+    assert "generation 2: computed 7/7 stages" in proc.stdout
     assert output_hashes(root, "corpus/") == output_hashes(reference, "corpus/")
 
 
@@ -168,7 +170,7 @@ def test_from_generation_recomputes_that_generation_and_later(
     proc = collapse(home, "run", str(config), "--from-generation", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "generation 1: reused" in proc.stdout
-    assert "generation 2: computed 4/4 stages" in proc.stdout
+    assert "generation 2: computed 7/7 stages" in proc.stdout
     bad = collapse(home, "run", str(config), "--from-generation", "7")
     assert bad.returncode == 2 and "between 0 and run.generations" in bad.stderr
 
@@ -187,40 +189,88 @@ def _post(url: str, body: dict) -> list[dict]:
         return json.loads(resp.read())
 
 
-def test_runs_and_artifacts_are_visible_in_the_ui(home: Path, reference: Path):
-    run_id = run_dir(reference).name
-    port = _free_port()
+def _env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO))
+    env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ui_api(home: Path, reference: Path):
+    """`collapse ui` on a free port over the test PREFECT_HOME (after the reference run)."""
+    port = _free_port()
     ui = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "ui", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(home),
         cwd=home,
         start_new_session=True,
     )
-    api = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.time() + 180
         while not (home / "ui-server.json").exists():
-            assert ui.poll() is None, ui.stdout.read()
+            assert ui.poll() is None, "collapse ui exited"
             assert time.time() < deadline, "the UI server did not start"
             time.sleep(0.5)
-        runs = _post(f"{api}/flow_runs/filter", {"limit": 200})
-        names = {r["name"] for r in runs}
-        assert run_id in names and f"{run_id}-gen-1" in names and f"{run_id}-gen-2" in names
-        key = f"{run_id}-metrics"
-        artifacts = _post(f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}})
-        assert artifacts and artifacts[0]["type"] == "table"
-        rows = json.loads(artifacts[0]["data"])
-        assert [r["generation"] for r in rows] == [0, 1, 2]
-        # a run started while the UI is up reports to it
-        config = next(reference.parent.glob("tiny-*.yaml"))
-        again = collapse(home, "run", str(config))
-        assert again.returncode == 0 and api in again.stdout
-        assert len(_post(f"{api}/flow_runs/filter", {"limit": 200})) > len(runs)
+        yield f"http://127.0.0.1:{port}/api"
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=60)
+
+
+def test_runs_and_artifacts_are_visible_in_the_ui(home: Path, reference: Path, ui_api: str):
+    run_id = run_dir(reference).name
+    runs = _post(f"{ui_api}/flow_runs/filter", {"limit": 200})
+    names = {r["name"] for r in runs}
+    assert run_id in names and f"{run_id}-gen-1" in names and f"{run_id}-gen-2" in names
+    key = f"{run_id}-metrics"
+    artifacts = _post(f"{ui_api}/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}})
+    assert artifacts and artifacts[0]["type"] == "table"
+    rows = json.loads(artifacts[0]["data"])
+    assert [r["generation"] for r in rows] == [0, 1, 2]
+    # a run started while the UI is up reports to it
+    config = next(reference.parent.glob("tiny-*.yaml"))
+    again = collapse(home, "run", str(config))
+    assert again.returncode == 0 and ui_api in again.stdout
+    assert len(_post(f"{ui_api}/flow_runs/filter", {"limit": 200})) > len(runs)
+
+
+def test_generations_run_on_a_work_pool_worker(
+    tmp_path: Path, home: Path, corpus: Path, reference: Path, ui_api: str
+):
+    """prefect.yaml's generation/gpu deployment, served by a process worker, runs generations."""
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    env = _env(home, PREFECT_API_URL=ui_api, COLLAPSE_CODE_DIR=str(REPO))
+    for command in (
+        [prefect, "work-pool", "create", "gpu", "--type", "process"],
+        [prefect, "--no-prompt", "deploy", "--all"],
+    ):
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 (closed in finally)
+    worker = subprocess.Popen(
+        [prefect, "worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        root = tmp_path / "artifacts"
+        config = make_config(tmp_path, corpus, root)
+        proc = collapse(
+            home, "run", str(config), "orchestration.generation_deployment=generation/gpu"
+        )
+        worker_log = (tmp_path / "worker.log").read_text()
+        assert proc.returncode == 0, proc.stdout + proc.stderr + worker_log
+        assert "generation 2: computed 7/7 stages" in proc.stdout
+        assert output_hashes(root, "corpus/") == output_hashes(reference, "corpus/")
+        runs = _post(f"{ui_api}/flow_runs/filter", {"limit": 200})
+        run_id = run_dir(root).name
+        assert any(r["name"] == f"{run_id}-gen-2" and r["deployment_id"] for r in runs)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+        log.close()

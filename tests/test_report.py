@@ -1,0 +1,100 @@
+"""The report: PNG figures that are real images, a self-contained HTML page, overlays, the CLI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+
+from collapse.context import Context
+from collapse.report import FIGURES, ReportError, load_run, summary_markdown, write_report
+
+from .conftest import REPO
+
+
+class _Page(HTMLParser):
+    """Collects tags, images and the table cells of a page; fails on unbalanced tags."""
+
+    VOID = {"meta", "img", "br", "link", "hr", "input"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.images: list[str] = []
+        self.tables = 0
+        self.rows = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        elif tag not in self.VOID:
+            self.stack.append(tag)
+        self.tables += tag == "table"
+        self.rows += tag == "tr"
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}> in {self.stack}"
+        self.stack.pop()
+
+
+def _parse(page: Path) -> _Page:
+    parser = _Page()
+    parser.feed(page.read_text())
+    assert parser.stack == [], parser.stack
+    return parser
+
+
+def _non_blank(png: bytes) -> bool:
+    pixels = mpimg.imread(io.BytesIO(png), format="png")
+    return pixels.ndim == 3 and pixels.shape[0] > 100 and float(pixels.std()) > 0.01
+
+
+def test_single_run_report_has_every_figure_and_table(tiny_run: Context):
+    page = write_report([tiny_run.store.run_dir])
+    assert page == tiny_run.store.run_dir / "report.html"
+    for name in FIGURES:
+        png = (tiny_run.store.run_dir / "figures" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and _non_blank(png), name
+    parsed = _parse(page)
+    assert len(parsed.images) == len(FIGURES)
+    for src in parsed.images:  # self-contained: inline data, no file or network references
+        assert src.startswith("data:image/png;base64,")
+        assert _non_blank(base64.b64decode(src.split(",", 1)[1]))
+    assert parsed.tables == 2  # metrics table + excerpts
+    assert parsed.rows == (1 + 3) + (1 + 3 * 3)  # header + 3 generations; 3 excerpts per gen
+
+
+def test_overlay_of_two_runs_goes_to_its_own_folder(tiny_run: Context, tmp_path: Path):
+    other = tiny_run.store.run_dir.parent / "tiny-copy"
+    shutil.rmtree(other, ignore_errors=True)
+    shutil.copytree(tiny_run.store.run_dir, other)
+    page = write_report([tiny_run.store.run_dir, other])
+    assert page == tiny_run.store.run_dir.parent / "reports" / "tiny+tiny-copy" / "report.html"
+    parsed = _parse(page)
+    assert len(parsed.images) == len(FIGURES) and parsed.tables == 4
+    shutil.rmtree(other)
+
+
+def test_summary_markdown_has_the_table_and_excerpts(tiny_run: Context):
+    text = summary_markdown(load_run(tiny_run.store.run_dir))
+    assert "| gen | perplexity |" in text and "## Excerpts of generation 2" in text
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path: Path):
+    with pytest.raises(ReportError, match="not a run directory"):
+        load_run(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "report", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2 and "not a run directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
