@@ -190,7 +190,9 @@ class OOVEvalConfig(Section):
     max_documents: PositiveInt | None = Field(
         None, description="Score only the first N documents of each corpus (cost cap)."
     )
-    n_process: PositiveInt = Field(1, description="spaCy worker processes.")
+    processes: PositiveInt = Field(
+        1, description="Worker processes counting shards in parallel (1: in-process)."
+    )
 
 
 class DiversityEvalConfig(Section):
@@ -209,7 +211,53 @@ class ExcerptsEvalConfig(Section):
     max_words: PositiveInt = Field(40, description="First sentence, or this many words.")
 
 
-EVALUATIONS = ("perplexity", "entropy", "oov", "diversity", "excerpts")
+class JudgeConfig(Section):
+    """LLM-judge grades of story completions (eval `judge`, the paper's GPT-Eval).
+
+    Generation 0 has no model of its own: its judge stage grades a randomly initialised model of
+    the run's architecture, the paper's baseline.
+    """
+
+    model: str | None = Field(
+        None, description="Judge model name; null: the judge stage is skipped (and says so)."
+    )
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint (vLLM, llama.cpp, Ollama); null: OpenAI."
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the key (never stored)."
+    )
+    api_key_secret: str | None = Field(
+        None, description="Prefect Secret block holding the key; read at run time, never stored."
+    )
+    prompts: Literal["tinystories", "file", "validation"] = Field(
+        "validation",
+        description="tinystories: the 44 prompts from the hub; file: prompts_path; validation: "
+        "validation stories cut mid-sentence (offline).",
+    )
+    prompts_path: str | None = Field(None, description="prompts: file (.yaml, .json, .txt).")
+    num_prompts: PositiveInt = Field(44, description="At most this many prompts.")
+    completions_per_prompt: PositiveInt = Field(10, description="Completions per prompt.")
+    max_new_tokens: PositiveInt = Field(210, description="Length cap of a completion.")
+    generations: list[int] | None = Field(
+        None, description="Generations judged (paper: [1, 6, ..., 36]); null: all. Plus gen 0."
+    )
+    temperature: float = Field(0.0, ge=0, description="Judge sampling temperature.")
+    max_concurrency: PositiveInt = Field(4, description="Judge requests in flight.")
+    timeout_s: PositiveFloat = Field(60.0, description="Per-request timeout (seconds).")
+    max_attempts: PositiveInt = Field(6, description="Tries per request (errors, 429, 5xx).")
+
+    @model_validator(mode="after")
+    def _prompt_file(self) -> JudgeConfig:
+        if self.prompts == "file":
+            if not self.prompts_path:
+                raise ValueError("judge.prompts_path is required when judge.prompts is 'file'")
+            if not Path(self.prompts_path).is_file():
+                raise ValueError(f"judge.prompts_path {self.prompts_path!r} does not exist")
+        return self
+
+
+EVALUATIONS = ("perplexity", "entropy", "oov", "diversity", "excerpts", "judge")
 
 
 class EvalConfig(Section):
@@ -227,6 +275,7 @@ class EvalConfig(Section):
     oov: OOVEvalConfig = OOVEvalConfig()
     diversity: DiversityEvalConfig = DiversityEvalConfig()
     excerpts: ExcerptsEvalConfig = ExcerptsEvalConfig()
+    judge: JudgeConfig = JudgeConfig()
 
     @field_validator("metrics")
     @classmethod
@@ -295,10 +344,11 @@ class Config(Section):
         return self
 
 
-# Sections whose change does not change any artifact of a run; left out of the run hash so that
-# extending `run.generations` or moving the artifact root keeps the same run.
+# Left out of the run hash, so the run (its folder) stays the same: extending `run.generations`,
+# moving the artifact root, orchestration, and the evaluations (adding one, or a judge, to a
+# finished run computes just that; each evaluation's stage key covers its own settings).
 _HASH_EXCLUDED = {("run", "generations"), ("run", "artifact_root"), ("run", "run_id")}
-_HASH_EXCLUDED_SECTIONS = {"orchestration"}
+_HASH_EXCLUDED_SECTIONS = {"orchestration", "eval"}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -398,7 +448,7 @@ def section_hash(value: Any) -> str:
 
 
 def config_hash(config: Config) -> str:
-    """Hash of all that determines a run's artifacts (not generations, paths, orchestration)."""
+    """Hash of what determines a run's data chain (not generations, paths, orchestration, eval)."""
     data = config_to_dict(config)
     for section in _HASH_EXCLUDED_SECTIONS:
         data.pop(section, None)

@@ -9,15 +9,21 @@ evaluation means adding an entry here; the pipeline, the flows and the report re
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from collapse.context import Context, corpus_digest, load_model, load_run_tokenizer, stage_record
 from collapse.corpus.parquet import documents, shard_paths
 from collapse.device import pick_device
+from collapse.models import gpt_neo_config, init_model, resolve_model_fields
 from collapse.seeding import derive_seed
+from collapse.store import atomic_path, sha256_file
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,14 @@ class Evaluation:
     columns: tuple[Column, ...]
     key_parts: Callable[[Context, int], list[Any]]
     run: Callable[[Context, int], tuple[dict[str, Any], list[Path]]]
+    # Which generations it runs on, when not simply "all, or all but 0" (on_human_corpus).
+    applies: Callable[[Any, int], bool] | None = None
+
+    def applies_to(self, config: Any, gen: int) -> bool:
+        """Whether this evaluation runs on generation `gen` under `config`."""
+        if self.applies is not None:
+            return self.applies(config, gen)
+        return gen > 0 or self.on_human_corpus
 
 
 def _corpus_paths(ctx: Context, gen: int) -> list[Path]:
@@ -115,7 +129,7 @@ def _oov_run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
     from collapse.metrics.oov import (
         build_lexicon,
         corpus_texts,
-        count_oov,
+        count_oov_shards,
         load_lexicon,
         save_lexicon,
     )
@@ -123,17 +137,19 @@ def _oov_run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
     oov = ctx.config.eval.oov
     extra: list[Path] = []
     if gen == 0:
-        texts = corpus_texts(_corpus_paths(ctx, 0))
-        lexicon = build_lexicon(texts, oov.lexicon_min_count, n_process=oov.n_process)
+        lexicon = build_lexicon(corpus_texts(_corpus_paths(ctx, 0)), oov.lexicon_min_count)
         save_lexicon(lexicon, _lexicon_path(ctx))
         extra.append(_lexicon_path(ctx))
         ctx.log(f"lexicon: {lexicon.name} {lexicon.version}, {lexicon.size:,} words")
     else:
         lexicon = load_lexicon(_lexicon_path(ctx))
-    texts = corpus_texts(_corpus_paths(ctx, gen))
-    if oov.max_documents is not None:
-        texts = (t for i, t in zip(range(oov.max_documents), texts, strict=False))
-    result = count_oov(texts, lexicon, load_run_tokenizer(ctx), n_process=oov.n_process)
+    result = count_oov_shards(
+        _corpus_paths(ctx, gen),
+        lexicon,
+        ctx.store.gen_dir(0) / "tokenizer",
+        processes=oov.processes,
+        max_documents=oov.max_documents,
+    )
     ctx.log(
         f"gen {gen}: {result['occurrences']:,} non-words ({result['distinct']:,} distinct), "
         f"{result['rate_per_1000_words']:.2f} per 1,000 words"
@@ -185,6 +201,205 @@ def _excerpts_run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
         max_words=exc.max_words,
     )
     return {"excerpts": rows, "count": len(rows)}, []
+
+
+# --- judge (GPT-Eval) ----------------------------------------------------------------------
+
+
+GRADE_NAMES = ("grammar", "creativity", "consistency")
+
+
+def judge_api_key(config: Any) -> str | None:
+    """The judge's API key from its environment variable (the flows put a Prefect Secret there).
+
+    A local OpenAI-compatible server (judge.base_url set) usually needs no key: "EMPTY" is sent.
+    """
+    judge = config.eval.judge
+    key = os.environ.get(judge.api_key_env)
+    if key:
+        return key
+    return "EMPTY" if judge.base_url else None
+
+
+def judge_skip_reason(config: Any) -> str | None:
+    """Why the judge stage cannot run, or None when it can."""
+    judge = config.eval.judge
+    if judge.model is None:
+        return (
+            "no judge configured (set eval.judge.model, and eval.judge.base_url for a local server)"
+        )
+    if judge_api_key(config) is None:
+        return (
+            f"no API key: environment variable {judge.api_key_env} is not set "
+            "(or set eval.judge.api_key_secret to a Prefect Secret block)"
+        )
+    return None
+
+
+def _judge_applies(config: Any, gen: int) -> bool:
+    chosen = config.eval.judge.generations
+    return gen == 0 or chosen is None or gen in chosen
+
+
+def _judge_key(ctx: Context, gen: int) -> list[Any]:
+    from collapse.judge.instruction import INSTRUCTION_VERSION
+
+    judge = ctx.config.eval.judge
+    # Where and how the judge is reached does not change its grades (same model, same cache).
+    operational = {"api_key_env", "api_key_secret", "base_url", "max_concurrency", "timeout_s"}
+    settings = judge.model_dump(mode="json", exclude=operational | {"max_attempts"})
+    skip = judge_skip_reason(ctx.config)
+    if gen == 0:  # the random-init baseline: architecture, tokenizer and seed make the model
+        model = [resolve_model_fields(ctx.config.model), ctx.config.run.seed]
+    else:
+        model = [stage_record(ctx, gen, "train")["digest"]]
+    prompts: Any = judge.prompts
+    if judge.prompts == "file" and judge.prompts_path:
+        prompts = sha256_file(Path(judge.prompts_path))
+    return [settings, INSTRUCTION_VERSION, skip, prompts, corpus_digest(ctx, 0), *model]
+
+
+def _judge_prompts(ctx: Context) -> list[str]:
+    from collapse.judge.prompts import load_prompts
+    from collapse.metrics.oov import corpus_texts
+
+    judge = ctx.config.eval.judge
+    validation = None
+    if judge.prompts == "validation":
+        validation = corpus_texts([ctx.store.gen_dir(0) / "validation.parquet"])
+    return load_prompts(
+        judge.prompts,
+        path=Path(judge.prompts_path) if judge.prompts_path else None,
+        validation_texts=list(validation) if validation is not None else None,
+        count=judge.num_prompts,
+        seed=derive_seed(ctx.config.run.seed, "judge-prompts"),
+        cache_dir=ctx.store.run_dir / "judge-prompts",
+    )
+
+
+def _judge_model(ctx: Context, gen: int, device: Any) -> Any:
+    if gen > 0:
+        return load_model(ctx, gen, device)
+    tok = load_run_tokenizer(ctx)
+    config = gpt_neo_config(ctx.config.model, len(tok), tok.bos_token_id, tok.eos_token_id)
+    return init_model(config, derive_seed(ctx.config.run.seed, "judge-baseline")).to(device)
+
+
+def _judge_completions(ctx: Context, gen: int, prompts: list[str]) -> pa.Table:
+    """`completions_per_prompt` seeded completions of every prompt (temperature 1, no top-k/p)."""
+    import torch
+
+    from collapse.sample import sample_batch
+
+    judge = ctx.config.eval.judge
+    device = pick_device(ctx.config.sample.device)
+    tok = load_run_tokenizer(ctx)
+    model = _judge_model(ctx, gen, device).eval()
+    room = model.config.max_position_embeddings - judge.max_new_tokens - 1
+    rows: dict[str, list[Any]] = {k: [] for k in ("prompt_index", "completion_index", "prompt")}
+    rows.update(completion=[], tokens=[], finished=[])
+    for index, prompt in enumerate(prompts):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"][-room:]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(derive_seed(ctx.config.run.seed, "judge-completions", gen, index))
+            seqs, ended = sample_batch(
+                model,
+                judge.completions_per_prompt,
+                judge.max_new_tokens,
+                tok.bos_token_id,
+                tok.eos_token_id,
+                device=device,
+                prefix=ids,
+            )
+        for j, (seq, fin) in enumerate(zip(seqs, ended, strict=True)):
+            rows["prompt_index"].append(index)
+            rows["completion_index"].append(j)
+            rows["prompt"].append(prompt)
+            rows["completion"].append(tok.decode(seq))
+            rows["tokens"].append(len(seq))
+            rows["finished"].append(fin)
+    return pa.table(rows)
+
+
+def _judge_run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
+    from collapse.judge.client import JudgeSettings, aggregate, grade_completions
+    from collapse.judge.instruction import INSTRUCTION_VERSION
+
+    judge = ctx.config.eval.judge
+    who = "the random-init baseline" if gen == 0 else f"generation {gen}"
+    skip = judge_skip_reason(ctx.config)
+    if skip:
+        ctx.log(f"gen {gen}: judge skipped: {skip}")
+        return {"skipped": skip, "baseline": gen == 0}, []
+    prompts = _judge_prompts(ctx)
+    n = judge.completions_per_prompt
+    ctx.log(f"gen {gen}: {len(prompts)} prompts x {n} completions by {who}")
+    table = _judge_completions(ctx, gen, prompts)
+    eval_dir = ctx.store.gen_dir(gen) / "eval"
+    completions_path = eval_dir / "judge-completions.parquet"
+    with atomic_path(completions_path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    settings = JudgeSettings(
+        base_url=judge.base_url,
+        model=judge.model,
+        api_key=judge_api_key(ctx.config) or "",
+        temperature=judge.temperature,
+        max_concurrency=judge.max_concurrency,
+        timeout_s=judge.timeout_s,
+        max_attempts=judge.max_attempts,
+    )
+    items = list(
+        zip(
+            table.column("prompt_index").to_pylist(),
+            table.column("completion_index").to_pylist(),
+            table.column("prompt").to_pylist(),
+            table.column("completion").to_pylist(),
+            strict=True,
+        )
+    )
+    results = grade_completions(
+        items,
+        settings,
+        cache_dir=ctx.store.run_dir / "judge-cache",
+        log_path=eval_dir / "judge-log.jsonl",
+        log=ctx.log,
+    )
+    grades_path = eval_dir / "judge-grades.parquet"
+    grades = {
+        "prompt_index": [r.prompt_index for r in results],
+        "completion_index": [r.completion_index for r in results],
+        **{
+            name: [getattr(r.grades, name) if r.grades else None for r in results]
+            for name in GRADE_NAMES
+        },
+        "failure": [r.failure for r in results],
+    }
+    with atomic_path(grades_path) as tmp:
+        pq.write_table(pa.table(grades), tmp, compression="zstd")
+    summary = aggregate(results)
+    result = {
+        **summary,
+        # flat copies of the means, for the per-generation table
+        **{f"{name}_mean": _mean(summary, name) for name in GRADE_NAMES},
+        "baseline": gen == 0,
+        "judge": {
+            "model": judge.model,
+            "base_url": judge.base_url,
+            "instruction_version": INSTRUCTION_VERSION,
+        },
+        "prompts": len(prompts),
+        "completions": len(items),
+    }
+    means = ", ".join(
+        f"{name} {'-' if result[f'{name}_mean'] is None else format(result[f'{name}_mean'], '.2f')}"
+        for name in GRADE_NAMES
+    )
+    ctx.log(f"gen {gen}: judge {means} ({summary.get('failures', 0)} failures)")
+    return result, [completions_path, grades_path]
+
+
+def _mean(summary: dict[str, Any], name: str) -> float | None:
+    return (summary.get(name) or {}).get("mean")
 
 
 REGISTRY: dict[str, Evaluation] = {
@@ -252,6 +467,22 @@ REGISTRY: dict[str, Evaluation] = {
             columns=(),
             key_parts=_excerpts_key,
             run=_excerpts_run,
+        ),
+        Evaluation(
+            name="judge",
+            description="LLM-judge grades (0-9) of completions of story beginnings (GPT-Eval); "
+            "generation 0: the random-init baseline.",
+            version=1,
+            needs_gpu=True,
+            on_human_corpus=True,
+            columns=(
+                Column("judge_grammar", "grammar_mean", "grammar", ".2f", True),
+                Column("judge_consistency", "consistency_mean", "consist.", ".2f", True),
+                Column("judge_creativity", "creativity_mean", "creat.", ".2f", True),
+            ),
+            key_parts=_judge_key,
+            run=_judge_run,
+            applies=_judge_applies,
         ),
     )
 }

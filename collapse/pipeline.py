@@ -79,7 +79,7 @@ def stage_key(ctx: Context, gen: int, stage: str) -> str:
 
 def stages_of(ctx: Context, gen: int) -> list[str]:
     """Stages of a generation in execution order."""
-    metrics = [m for m in ctx.config.eval.metrics if gen > 0 or REGISTRY[m].on_human_corpus]
+    metrics = [m for m in ctx.config.eval.metrics if REGISTRY[m].applies_to(ctx.config, gen)]
     chain = ["corpus"] if gen == 0 else ["train", "sample"]
     return chain + [f"eval.{m}" for m in metrics]
 
@@ -94,14 +94,21 @@ def valid_record(ctx: Context, gen: int, stage: str) -> dict[str, Any] | None:
 
 
 def _drop_downstream(ctx: Context, gen: int, stage: str) -> None:
-    """Forget everything computed from (gen, stage), before recomputing it."""
+    """Forget everything computed from (gen, stage), before recomputing it.
+
+    A chain stage (corpus, train, sample) feeds every later stage of its generation and every
+    later generation; an evaluation feeds nothing in its generation (a later generation's stage
+    that reads it, like OOV reading generation 0's lexicon, carries its digest in its key).
+    """
+    if stage not in CHAIN_STAGES:
+        ctx.store.drop_stage(gen, stage)
+        return
     later = stages_of(ctx, gen)[stages_of(ctx, gen).index(stage) :]
     for name in later:
         ctx.store.drop_stage(gen, name)
-    if stage in CHAIN_STAGES:
-        dropped = ctx.store.invalidate_from(gen + 1)
-        if dropped:
-            ctx.log(f"dropped the records of generations {dropped} (computed from stale inputs)")
+    dropped = ctx.store.invalidate_from(gen + 1)
+    if dropped:
+        ctx.log(f"dropped the records of generations {dropped} (computed from stale inputs)")
 
 
 def invalidate_from(ctx: Context, gen: int) -> None:

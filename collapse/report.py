@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import yaml
 
 # Figure objects, not pyplot: no GUI backend, no global figure registry to leak into.
@@ -43,6 +44,7 @@ class RunData:
     config: Config
     rows: list[dict[str, Any]]
     excerpts: dict[int, list[dict[str, Any]]]
+    judged: dict[int, list[dict[str, Any]]]  # sample completions with their grades
 
 
 def load_run(run_dir: Path) -> RunData:
@@ -53,12 +55,25 @@ def load_run(run_dir: Path) -> RunData:
     config = Config.model_validate(yaml.safe_load(config_path.read_text()))
     ctx = Context(config, RunStore(run_dir.parent, run_dir.name), log=lambda _: None)
     rows = metrics_table(ctx)
-    excerpts = {}
+    excerpts, judged = {}, {}
     for row in rows:
         result = read_result(ctx, row["generation"], "excerpts")
         if result:
             excerpts[row["generation"]] = result["excerpts"]
-    return RunData(run_dir.name, run_dir, config, rows, excerpts)
+        samples = _judged_samples(ctx.store.gen_dir(row["generation"]) / "eval")
+        if samples:
+            judged[row["generation"]] = samples
+    return RunData(run_dir.name, run_dir, config, rows, excerpts, judged)
+
+
+def _judged_samples(eval_dir: Path, count: int = 2) -> list[dict[str, Any]]:
+    """The first completions of the first prompt with their grades (Extended Data Table 2)."""
+    completions, grades = eval_dir / "judge-completions.parquet", eval_dir / "judge-grades.parquet"
+    if not (completions.is_file() and grades.is_file()):
+        return []
+    texts = pq.read_table(completions).slice(0, count).to_pylist()
+    scores = pq.read_table(grades).slice(0, count).to_pylist()
+    return [{**t, **g} for t, g in zip(texts, scores, strict=False)]
 
 
 def _series(run: RunData, key: str) -> tuple[list[int], list[float]]:
@@ -150,10 +165,48 @@ def figure_diversity(runs: Sequence[RunData]) -> bytes | None:
     return _png(fig)
 
 
+def figure_judge(runs: Sequence[RunData]) -> bytes | None:
+    """Judge grammar and consistency vs generation, the random-init baseline as lines (Fig. 3)."""
+    if not _has(runs, "judge_grammar"):
+        return None
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    colors = {"judge_grammar": "tab:green", "judge_consistency": "tab:purple"}
+    styles = ["-", "--", ":", "-."]
+    for i, run in enumerate(runs):
+        suffix = f" ({_label(run, runs)})" if len(runs) > 1 else ""
+        for key, color in colors.items():
+            name = key.removeprefix("judge_")
+            x, y = _series(run, key)
+            points = [(g, v) for g, v in zip(x, y, strict=True) if g > 0]
+            if points:
+                ax.plot(
+                    *zip(*points, strict=True),
+                    styles[i % 4],
+                    color=color,
+                    marker="o",
+                    label=name + suffix,
+                )
+            if x and x[0] == 0:  # generation 0 holds the random-init baseline
+                ax.axhline(
+                    y[0],
+                    color=color,
+                    linestyle=styles[i % 4],
+                    alpha=0.5,
+                    label=f"{name}, random init{suffix}",
+                )
+    ax.set(xlabel="generation", ylabel="judge grade (0-9)", ylim=(0, 9))
+    ax.set_title("LLM-judge grades of story completions")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _png(fig)
+
+
 FIGURES = {
     "perplexity": figure_perplexity,
     "entropy-oov": figure_entropy_oov,
     "diversity": figure_diversity,
+    "judge": figure_judge,
 }
 
 
@@ -173,6 +226,27 @@ def _table_html(run: RunData) -> str:
             cells.append("-" if value is None else format(value, c.fmt))
         body.append("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _judged_html(run: RunData) -> str:
+    rows = []
+    for gen, items in sorted(run.judged.items()):
+        who = "random init" if gen == 0 else str(gen)
+        for item in items:
+            grades = (
+                "failed: " + str(item["failure"])
+                if item.get("failure")
+                else (f"{item['grammar']} / {item['creativity']} / {item['consistency']}")
+            )
+            rows.append(
+                f"<tr><td>{who}</td><td>{html.escape(item['prompt'][-120:])}</td>"
+                f"<td>{html.escape(item['completion'][:300])}</td><td>{html.escape(grades)}</td></tr>"
+            )
+    return (
+        "<table class='excerpts'><thead><tr><th>model</th><th>prompt (end)</th>"
+        "<th>completion</th><th>grammar / creativity / consistency</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _excerpts_html(run: RunData) -> str:
@@ -202,6 +276,17 @@ code{background:#f4f4f4;padding:0 0.2em}
 """
 
 
+def _judge_status(run: RunData) -> str:
+    if "judge" not in run.config.eval.metrics:
+        return "skipped: not in eval.metrics"
+    result = read_result(
+        Context(run.config, RunStore(run.run_dir.parent, run.run_id), log=lambda _: None),
+        0,
+        "judge",
+    )
+    return (result or {}).get("skipped") or "no judged generation yet"
+
+
 def render_html(runs: Sequence[RunData], figures: dict[str, bytes | None]) -> str:
     """The self-contained report page (figures inlined as base64 PNG)."""
     title = "collapse report: " + ", ".join(run.run_id for run in runs)
@@ -227,6 +312,10 @@ def render_html(runs: Sequence[RunData], figures: dict[str, bytes | None]) -> st
             "<h3>Excerpts</h3>",
             _excerpts_html(run),
         ]
+        if run.judged:
+            parts += ["<h3>Judged completions</h3>", _judged_html(run)]
+        else:
+            parts.append(f"<p>Judge: {html.escape(_judge_status(run))}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -64,11 +64,16 @@ def sample_batch(
     top_k: int = 0,
     top_p: float = 1.0,
     device: torch.device | None = None,
+    prefix: list[int] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
-    """Draw `batch_size` sequences from BOS using the current torch RNG.
+    """Draw `batch_size` sequences from BOS (+ `prefix`) using the current torch RNG.
+
+    Args:
+        prefix: token ids every sequence of the batch continues (a story beginning); one
+            shared prefix keeps the batch unpadded.
 
     Returns:
-        (token ids of each sequence without BOS/EOS, whether it ended with EOS).
+        (new token ids of each sequence without BOS/prefix/EOS, whether it ended with EOS).
     """
     device = device or next(model.parameters()).device
     # transformers 5.24 renamed `past_key_values` to `cache`; accept both generations of the API.
@@ -76,7 +81,8 @@ def sample_batch(
         "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     )
     warpers = _warpers(temperature, top_k, top_p)
-    input_ids = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
+    start = torch.tensor([bos_id, *(prefix or [])], dtype=torch.long, device=device)
+    input_ids = start.expand(batch_size, -1)
     out = model(input_ids=input_ids, use_cache=True)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     steps: list[torch.Tensor] = []

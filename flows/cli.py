@@ -42,6 +42,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     api_url = prefect_env.configure()
     from collapse.corpus.sources import CorpusSourceError
+    from collapse.judge.client import JudgeStopped
+    from collapse.judge.prompts import PromptsUnavailable
     from collapse.pipeline import table_columns
     from collapse.store import RunLockedError
     from collapse.table import text_table
@@ -50,9 +52,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(config.run.artifact_root) / run_id
     print(f"run {run_id}: {run_dir}  (Prefect: {api_url or 'ephemeral server'})")
     started = time.perf_counter()
+    user_errors = (ConfigError, CorpusSourceError, RunLockedError, JudgeStopped, PromptsUnavailable)
     try:
         result = experiment(config_to_dict(config), run_id, args.from_generation)
-    except (ConfigError, CorpusSourceError, RunLockedError) as exc:
+    except user_errors as exc:
         return _fail(str(exc))
     seconds = time.perf_counter() - started
     print()
@@ -67,6 +70,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"generation {summary['generation']}: {state}")
     if all(s["reused"] for g in result["generations"] for s in g["stages"]):
         print("every generation was reused")
+    skipped: dict[tuple[str, str], list[int]] = {}
+    for summary in result["generations"]:
+        for stage in summary["stages"]:
+            reason = (stage.get("info") or {}).get("skipped")
+            if reason:
+                skipped.setdefault((stage["stage"], reason), []).append(summary["generation"])
+    for (stage, reason), gens in skipped.items():
+        print(f"{stage} skipped (generations {', '.join(map(str, gens))}): {reason}")
     print()
     print(text_table(result["table"], table_columns(config)))
     print(f"\nreport:    {result['report']}")

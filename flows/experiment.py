@@ -9,6 +9,7 @@ refresh_cache, so a stale Prefect result can never stand in for a missing artifa
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.blocks.system import Secret
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
@@ -53,11 +55,23 @@ def make_context(config: dict[str, Any], run_id: str) -> Context:
     """Rebuild the library context inside a flow or task (inputs are plain JSON)."""
     cfg = Config.model_validate(config)
     logger = get_run_logger()
+    load_judge_secret(cfg)
     # transformers' own bars (loading/writing weights, once per stage) only bury the stage bars.
     hf_logging.disable_progress_bar()
     bars = cfg.orchestration.progress_bars
     progress = bars == "on" or (bars == "auto" and sys.stderr.isatty())
     return Context(cfg, RunStore(cfg.run.artifact_root, run_id), progress, logger.info)
+
+
+def load_judge_secret(cfg: Config) -> None:
+    """Put the judge's key from a Prefect Secret block into its environment variable.
+
+    Only in this process's environment: the key never becomes a flow or task parameter, a
+    config value or an artifact, so it cannot show in the UI or the run directory.
+    """
+    judge = cfg.eval.judge
+    if judge.api_key_secret and not os.environ.get(judge.api_key_env):
+        os.environ[judge.api_key_env] = Secret.load(judge.api_key_secret).get()
 
 
 def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from collapse.context import Context
 from collapse.models import gpt_neo_config, init_model
 from collapse.pipeline import freeze_config, run_stage, stages_of
 from collapse.store import RunStore
+
+from .judge_server import JudgeServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,14 +95,48 @@ def run_all(ctx: Context) -> dict[tuple[int, str], dict]:
     return records
 
 
+PLANTED_KEY = "sk-test-PLANTED-pipeline-4242"
+JUDGE_KEY_ENV = "COLLAPSE_TEST_JUDGE_KEY"
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Context:
-    """A 2-generation tiny run with every registered evaluation, computed once per session."""
+def judge_server() -> Iterator[JudgeServer]:
+    """A local OpenAI-compatible judge for the whole session (grades from a hash of the text)."""
+    with JudgeServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, judge_server: JudgeServer) -> Iterator[Context]:
+    """A 2-generation tiny run with every registered evaluation, computed once per session.
+
+    The judge is the local test server; its key (planted, to be looked for) is in the env.
+    """
     tmp = tmp_path_factory.mktemp("pipeline")
     data = tiny_config_dict(write_story_file(tmp / "stories.txt", n=200), tmp / "artifacts")
-    data["eval"] = {"metrics": list(EVALUATIONS), "excerpts": {"count": 4}}
+    data["eval"] = {
+        "metrics": list(EVALUATIONS),
+        "excerpts": {"count": 4},
+        "judge": {
+            "model": "test-judge",
+            "base_url": judge_server.base_url,
+            "api_key_env": JUDGE_KEY_ENV,
+            "num_prompts": 3,
+            "completions_per_prompt": 2,
+            "max_new_tokens": 24,
+        },
+    }
     config = Config.model_validate(data)
-    ctx = Context(config, RunStore(config.run.artifact_root, "tiny"), log=lambda _: None)
-    freeze_config(ctx)
-    run_all(ctx)
-    return ctx
+    logs: list[str] = []
+    ctx = Context(config, RunStore(config.run.artifact_root, "tiny"), log=logs.append)
+    previous = os.environ.get(JUDGE_KEY_ENV)
+    os.environ[JUDGE_KEY_ENV] = PLANTED_KEY
+    try:
+        freeze_config(ctx)
+        run_all(ctx)
+        yield ctx
+    finally:
+        if previous is None:
+            os.environ.pop(JUDGE_KEY_ENV, None)
+        else:
+            os.environ[JUDGE_KEY_ENV] = previous

@@ -100,7 +100,10 @@ def test_overrides_are_dotted_and_typed(tiny_config_file: Path):
 
 def test_hash_ignores_generation_count_and_paths_but_not_settings(tiny_config_file: Path):
     base = load_config(tiny_config_file)
-    longer = load_config(tiny_config_file, ["run.generations=9", "run.artifact_root=/elsewhere"])
+    longer = load_config(
+        tiny_config_file,
+        ["run.generations=9", "run.artifact_root=/elsewhere", "eval.metrics=[entropy]"],
+    )
     other = load_config(tiny_config_file, ["train.lr=0.002"])
     assert config_hash(base) == config_hash(longer)
     assert run_id_for(base) == run_id_for(longer)

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from .conftest import REPO, tiny_config_dict, write_story_file
+from .judge_server import JudgeServer
 
 pytestmark = pytest.mark.slow
 
@@ -116,9 +117,12 @@ def test_a_run_prints_its_table_and_a_rerun_reuses_everything(reference: Path, h
     assert status.returncode == 0
     assert (
         "gen   2  train:done  sample:done  eval.perplexity:done  eval.entropy:done  "
-        "eval.oov:done  eval.diversity:done  eval.excerpts:done"
+        "eval.oov:done  eval.diversity:done  eval.excerpts:done  eval.judge:done"
     ) in status.stdout
     assert (run_dir(reference) / "report.html").is_file()
+    judge = json.loads((run_dir(reference) / "gen-002" / "eval" / "judge.json").read_text())
+    assert judge["skipped"].startswith("no judge configured")  # said, not faked
+    assert "eval.judge skipped (generations 0, 1, 2): no judge configured" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -156,8 +160,8 @@ def test_a_corrupted_artifact_is_recomputed_with_everything_after_it(
     proc = collapse(home, "run", str(make_config(tmp_path, corpus, root)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "generation 0: reused" in proc.stdout
-    assert "generation 1: computed 6/7 stages" in proc.stdout  # sample + 5 evaluations
-    assert "generation 2: computed 7/7 stages" in proc.stdout
+    assert "generation 1: computed 7/8 stages" in proc.stdout  # sample + 6 evaluations
+    assert "generation 2: computed 8/8 stages" in proc.stdout
     assert output_hashes(root, "corpus/") == output_hashes(reference, "corpus/")
 
 
@@ -170,7 +174,7 @@ def test_from_generation_recomputes_that_generation_and_later(
     proc = collapse(home, "run", str(config), "--from-generation", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "generation 1: reused" in proc.stdout
-    assert "generation 2: computed 7/7 stages" in proc.stdout
+    assert "generation 2: computed 8/8 stages" in proc.stdout
     bad = collapse(home, "run", str(config), "--from-generation", "7")
     assert bad.returncode == 2 and "between 0 and run.generations" in bad.stderr
 
@@ -265,7 +269,7 @@ def test_generations_run_on_a_work_pool_worker(
         )
         worker_log = (tmp_path / "worker.log").read_text()
         assert proc.returncode == 0, proc.stdout + proc.stderr + worker_log
-        assert "generation 2: computed 7/7 stages" in proc.stdout
+        assert "generation 2: computed 8/8 stages" in proc.stdout
         assert output_hashes(root, "corpus/") == output_hashes(reference, "corpus/")
         runs = _post(f"{ui_api}/flow_runs/filter", {"limit": 200})
         run_id = run_dir(root).name
@@ -274,3 +278,53 @@ def test_generations_run_on_a_work_pool_worker(
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=60)
         log.close()
+
+
+def _all(api: str, what: str) -> list[dict]:
+    """Every object of a kind from the server's REST API (paginated filter)."""
+    found, offset = [], 0
+    while True:
+        page = _post(f"{api}/{what}/filter", {"limit": 200, "offset": offset})
+        found += page
+        if len(page) < 200:
+            return found
+        offset += 200
+
+
+def test_a_judge_key_from_a_prefect_secret_reaches_only_the_judge(
+    tmp_path: Path, home: Path, corpus: Path, reference: Path, ui_api: str
+):
+    key = "sk-test-PLANTED-secret-9876"
+    save = f"from prefect.blocks.system import Secret; Secret(value={key!r}).save('judge-key')"
+    env = _env(home, PREFECT_API_URL=ui_api)
+    done = subprocess.run([sys.executable, "-c", save], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    root = tmp_path / "artifacts"
+    with JudgeServer() as server:
+        proc = collapse(
+            home,
+            "run",
+            str(make_config(tmp_path, corpus, root)),
+            "eval.judge.model=test-judge",
+            f"eval.judge.base_url={server.base_url}",
+            "eval.judge.api_key_secret=judge-key",
+            "eval.judge.api_key_env=COLLAPSE_E2E_JUDGE_KEY",
+            "eval.judge.num_prompts=2",
+            "eval.judge.completions_per_prompt=2",
+            "eval.judge.max_new_tokens=16",
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        # 3 judged models (random-init baseline, gen 1, gen 2) x 2 prompts x 2 completions;
+        # identical completions are asked once
+        assert 0 < server.count <= 12
+        assert {r.headers["authorization"] for r in server.requests} == {f"Bearer {key}"}
+    assert "grammar" in proc.stdout and "skipped" not in proc.stdout
+    judged = json.loads((run_dir(root) / "gen-002" / "eval" / "judge.json").read_text())
+    assert judged["graded"] == 4 and judged["failures"] == 0
+    assert key not in proc.stdout + proc.stderr
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
+    # nothing the Prefect server holds about the runs mentions it: parameters, logs, artifacts
+    for what in ("flow_runs", "task_runs", "logs", "artifacts"):
+        assert key not in json.dumps(_all(ui_api, what)), what

@@ -6,13 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
+import pytest
+
 from collapse.config import EVALUATIONS, Config
 from collapse.context import Context
 from collapse.evals import REGISTRY
+from collapse.judge.instruction import build_messages
 from collapse.pipeline import metrics_table, stages_of, table_columns
 from collapse.table import text_table
 
-from .conftest import run_all
+from .conftest import PLANTED_KEY, run_all
+from .judge_server import JudgeServer, grades_for
 
 
 def test_config_names_every_registered_evaluation():
@@ -21,8 +26,14 @@ def test_config_names_every_registered_evaluation():
 
 def test_every_evaluation_writes_its_result(tiny_run: Context):
     ctx = tiny_run
-    assert stages_of(ctx, 0) == ["corpus", "eval.entropy", "eval.oov", "eval.diversity",
-                                 "eval.excerpts"]
+    assert stages_of(ctx, 0) == [
+        "corpus",
+        "eval.entropy",
+        "eval.oov",
+        "eval.diversity",
+        "eval.excerpts",
+        "eval.judge",  # the random-init baseline
+    ]
     for gen in (0, 1, 2):
         for stage in stages_of(ctx, gen)[1 if gen == 0 else 2 :]:
             name = stage.removeprefix("eval.")
@@ -47,11 +58,48 @@ def test_metrics_table_has_a_column_per_evaluation_value(tiny_run: Context):
             assert all(r[column.key] is not None for r in rows), column.key
     assert all(r["stages_done"] == r["stages_total"] for r in rows)
     text = text_table(rows, columns)
-    assert "OOV/1k" in text and "self-BLEU" in text and len(text.splitlines()) == 5
+    assert "OOV/1k" in text and "self-BLEU" in text and "grammar" in text
+    assert len(text.splitlines()) == 5
 
 
-def test_a_second_pass_reuses_every_stage(tiny_run: Context):
+def test_a_second_pass_reuses_every_stage_and_asks_the_judge_nothing(
+    tiny_run: Context, judge_server: JudgeServer
+):
+    before = judge_server.count
     assert all(record["reused"] for record in run_all(tiny_run).values())
+    assert judge_server.count == before
+
+
+def test_judge_grades_are_aggregated_per_generation(tiny_run: Context):
+    for gen in (0, 1, 2):
+        result = json.loads((tiny_run.store.gen_dir(gen) / "eval" / "judge.json").read_text())
+        assert result["baseline"] == (gen == 0)
+        completions = pq.read_table(
+            tiny_run.store.gen_dir(gen) / "eval" / "judge-completions.parquet"
+        ).to_pylist()
+        assert len(completions) == 3 * 2 == result["completions"]
+        expected = [
+            grades_for(build_messages(c["prompt"], c["completion"])[-1]["content"])
+            for c in completions
+        ]
+        for name in ("grammar", "creativity", "consistency"):
+            values = [e[name] for e in expected]
+            assert result[f"{name}_mean"] == pytest.approx(sum(values) / len(values))
+        assert result["failures"] == 0
+
+
+def test_the_judge_key_is_written_nowhere(tiny_run: Context):
+    for path in tiny_run.store.run_dir.rglob("*"):
+        if path.is_file():
+            assert PLANTED_KEY.encode() not in path.read_bytes(), path
+    assert PLANTED_KEY not in "\n".join(tiny_run.log.__self__)  # the log lines
+
+
+def test_judge_endpoint_settings_do_not_recompute_the_judge(tiny_run: Context):
+    data = tiny_run.config.model_dump(mode="json")
+    data["eval"]["judge"].update(max_concurrency=1, timeout_s=5)
+    ctx = Context(Config.model_validate(data), tiny_run.store, log=lambda _: None)
+    assert all(record["reused"] for record in run_all(ctx).values())
 
 
 def test_changing_one_evaluation_setting_recomputes_only_that_evaluation(

@@ -67,8 +67,9 @@ def test_single_run_report_has_every_figure_and_table(tiny_run: Context):
     for src in parsed.images:  # self-contained: inline data, no file or network references
         assert src.startswith("data:image/png;base64,")
         assert _non_blank(base64.b64decode(src.split(",", 1)[1]))
-    assert parsed.tables == 2  # metrics table + excerpts
-    assert parsed.rows == (1 + 3) + (1 + 3 * 3)  # header + 3 generations; 3 excerpts per gen
+    assert parsed.tables == 3  # metrics table, excerpts, judged completions
+    # header + 3 generations; 3 excerpts per generation; 2 judged completions per generation
+    assert parsed.rows == (1 + 3) + (1 + 3 * 3) + (1 + 3 * 2)
 
 
 def test_overlay_of_two_runs_goes_to_its_own_folder(tiny_run: Context, tmp_path: Path):
@@ -78,7 +79,7 @@ def test_overlay_of_two_runs_goes_to_its_own_folder(tiny_run: Context, tmp_path:
     page = write_report([tiny_run.store.run_dir, other])
     assert page == tiny_run.store.run_dir.parent / "reports" / "tiny+tiny-copy" / "report.html"
     parsed = _parse(page)
-    assert len(parsed.images) == len(FIGURES) and parsed.tables == 4
+    assert len(parsed.images) == len(FIGURES) and parsed.tables == 6
     shutil.rmtree(other)
 
 
@@ -98,3 +99,24 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path: Path):
     )
     assert proc.returncode == 2 and "not a run directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs a chromium binary")
+def test_report_renders_in_headless_chromium(tiny_run: Context, tmp_path: Path):
+    page = write_report([tiny_run.store.run_dir])
+    shot = tmp_path / "shot.png"
+    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    proc = subprocess.run(
+        [*command, f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert _non_blank(shot.read_bytes())
+    dom = subprocess.run(
+        [*command, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    # the browser parsed the page and decoded every inline figure
+    assert "<title>collapse report: tiny</title>" in dom
+    assert dom.count("data:image/png;base64,") == len(FIGURES)

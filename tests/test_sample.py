@@ -103,3 +103,18 @@ def test_a_progress_file_from_other_inputs_is_ignored(tmp_path: Path, tiny_model
     )
     assert stats["shards_reused"] == 0
     assert sha256_file(tmp_path / shard_name(0)) != before
+
+
+def test_a_prefix_conditions_every_sequence_of_the_batch(tiny_model):
+    prefix = [5, 6, 7]
+    with torch.no_grad():
+        probs = tiny_model(torch.tensor([[0, *prefix]])).logits[0, -1].softmax(-1).double()
+        unconditioned = tiny_model(torch.tensor([[0]])).logits[0, -1].softmax(-1).double()
+    n = 20000
+    torch.manual_seed(2)
+    seqs, _ = sample_batch(tiny_model, n, 1, bos_id=0, eos_id=0, prefix=prefix)
+    first = torch.tensor([s[0] if s else 0 for s in seqs])
+    freq = torch.bincount(first, minlength=50).double() / n
+    tolerance = 5 * (probs * (1 - probs) / n).sqrt() + 1e-3
+    assert torch.all((freq - probs).abs() <= tolerance)
+    assert not torch.all((freq - unconditioned).abs() <= tolerance)  # the prefix mattered

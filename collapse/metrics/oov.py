@@ -432,10 +432,12 @@ def count_oov_shards(
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
     items = _work_items(paths, processes, max_documents)
+    if not items:
+        return _summary(0, Counter(), lexicon, top)
     known = _hashes(lexicon.words)
     words = 0
     nonwords: Counter[str] = Counter()
-    if processes == 1 or len(items) <= 1:
+    if processes == 1 or len(items) == 1:
         from collapse.tokenizer import load_tokenizer
 
         counter = _NonwordCounter(known, load_tokenizer(tokenizer_dir))

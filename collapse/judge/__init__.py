@@ -1,0 +1,1 @@
+"""The LLM judge ("GPT-Eval"): grades story completions for grammar, creativity, consistency."""
