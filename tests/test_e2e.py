@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from .conftest import REPO, tiny_config_dict, write_story_file
-from .judge_server import JudgeServer
+from .judge_server import JudgeServer, unauthorized
 
 pytestmark = pytest.mark.slow
 
@@ -328,3 +328,27 @@ def test_a_judge_key_from_a_prefect_secret_reaches_only_the_judge(
     # nothing the Prefect server holds about the runs mentions it: parameters, logs, artifacts
     for what in ("flow_runs", "task_runs", "logs", "artifacts"):
         assert key not in json.dumps(_all(ui_api, what)), what
+
+
+def test_a_rejected_judge_key_stops_the_run_with_a_message(
+    tmp_path: Path, home: Path, corpus: Path
+):
+    root = tmp_path / "artifacts"
+    with JudgeServer(unauthorized) as server:
+        proc = collapse(
+            home,
+            "run",
+            str(make_config(tmp_path, corpus, root)),
+            "eval.judge.model=test-judge",
+            f"eval.judge.base_url={server.base_url}",
+            "eval.judge.num_prompts=1",
+            "eval.judge.completions_per_prompt=1",
+            "eval.judge.max_new_tokens=8",
+        )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    # Prefect logs the failed task (with its traceback); ours is the one-line explanation
+    (message,) = [line for line in proc.stderr.splitlines() if line.startswith("collapse: error:")]
+    assert "HTTP 401" in message and "api_key_env" in message
+    # what finished before the stop is kept: generation 0's corpus and evaluations
+    stages = json.loads((run_dir(root) / "gen-000" / "manifest.json").read_text())["stages"]
+    assert "corpus" in stages and "eval.judge" not in stages
