@@ -251,9 +251,9 @@ class JudgeConfig(Section):
     def _prompt_file(self) -> JudgeConfig:
         if self.prompts == "file":
             if not self.prompts_path:
-                raise ValueError("judge.prompts_path is required when judge.prompts is 'file'")
+                raise ValueError("prompts_path is required when prompts is 'file'")
             if not Path(self.prompts_path).is_file():
-                raise ValueError(f"judge.prompts_path {self.prompts_path!r} does not exist")
+                raise ValueError(f"prompts_path {self.prompts_path!r} does not exist")
         return self
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from collapse.config import ConfigError, config_to_dict, load_config, run_id_for
 
@@ -85,6 +86,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_state(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "-"
+    return "skipped" if (record.get("info") or {}).get("skipped") else "done"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """`collapse status [RUN]`: per-generation stage table from the manifests."""
     from collapse.config import Config
@@ -113,7 +120,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"run {run_dir.name}  ({run_dir.resolve()})\n")
     for gen in range(0, cfg.run.generations + 1):
         stages = store.read_manifest(gen)["stages"]
-        cells = [f"{name}:{'done' if name in stages else '-'}" for name in stages_of(ctx, gen)]
+        cells = [f"{name}:{_stage_state(stages.get(name))}" for name in stages_of(ctx, gen)]
         print(f"gen {gen:>3}  " + "  ".join(cells))
     print()
     print(text_table(metrics_table(ctx), table_columns(cfg)))

@@ -126,3 +126,14 @@ def test_train_batch_consistency(tmp_path: Path):
     }
     with pytest.raises(ConfigError, match="multiple of"):
         load_config(_write(tmp_path, data))
+
+
+def test_judge_settings_are_checked(tiny_config_file: Path):
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            tiny_config_file,
+            ["eval.judge.prompts=file", "eval.metrics=[perplexity, judge, tea]"],
+        )
+    text = str(err.value)
+    assert "eval.judge: prompts_path is required when prompts is 'file'" in text
+    assert "eval.metrics" in text and "'tea'" in text

@@ -117,7 +117,7 @@ def test_a_run_prints_its_table_and_a_rerun_reuses_everything(reference: Path, h
     assert status.returncode == 0
     assert (
         "gen   2  train:done  sample:done  eval.perplexity:done  eval.entropy:done  "
-        "eval.oov:done  eval.diversity:done  eval.excerpts:done  eval.judge:done"
+        "eval.oov:done  eval.diversity:done  eval.excerpts:done  eval.judge:skipped"
     ) in status.stdout
     assert (run_dir(reference) / "report.html").is_file()
     judge = json.loads((run_dir(reference) / "gen-002" / "eval" / "judge.json").read_text())
