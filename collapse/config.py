@@ -242,7 +242,15 @@ class JudgeConfig(Section):
     generations: list[int] | None = Field(
         None, description="Generations judged (paper: [1, 6, ..., 36]); null: all. Plus gen 0."
     )
-    temperature: float = Field(0.0, ge=0, description="Judge sampling temperature.")
+    temperature: float | None = Field(
+        0.0, ge=0, description="Judge temperature; null: not sent (for reasoning models)."
+    )
+    max_tokens: PositiveInt = Field(
+        100, description="Reply length cap (reasoning models need room to think: ~2000)."
+    )
+    token_limit_param: Literal["max_tokens", "max_completion_tokens"] = Field(
+        "max_tokens", description="How the cap is sent; OpenAI reasoning models: the latter."
+    )
     max_concurrency: PositiveInt = Field(4, description="Judge requests in flight.")
     timeout_s: PositiveFloat = Field(60.0, description="Per-request timeout (seconds).")
     max_attempts: PositiveInt = Field(6, description="Tries per request (errors, 429, 5xx).")

@@ -247,7 +247,8 @@ def _judge_key(ctx: Context, gen: int) -> list[Any]:
     judge = ctx.config.eval.judge
     # Where and how the judge is reached does not change its grades (same model, same cache).
     operational = {"api_key_env", "api_key_secret", "base_url", "max_concurrency", "timeout_s"}
-    settings = judge.model_dump(mode="json", exclude=operational | {"max_attempts"})
+    operational |= {"max_attempts", "token_limit_param"}
+    settings = judge.model_dump(mode="json", exclude=operational)
     skip = judge_skip_reason(ctx.config)
     if gen == 0:  # the random-init baseline: architecture, tokenizer and seed make the model
         model = [resolve_model_fields(ctx.config.model), ctx.config.run.seed]
@@ -344,6 +345,8 @@ def _judge_run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
         model=judge.model,
         api_key=judge_api_key(ctx.config) or "",
         temperature=judge.temperature,
+        max_tokens=judge.max_tokens,
+        token_limit_param=judge.token_limit_param,
         max_concurrency=judge.max_concurrency,
         timeout_s=judge.timeout_s,
         max_attempts=judge.max_attempts,

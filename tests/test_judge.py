@@ -164,6 +164,19 @@ def test_grades_aggregate_over_real_http(judge: Callable[..., Judge]) -> None:
     assert any("4/5 graded" in m for m in j.messages)
 
 
+def test_reasoning_model_settings_change_what_is_sent(judge: Callable[..., Judge]) -> None:
+    j = judge(js.normal)
+    items = make_items([(7, 3, 5)])
+    results = j.grade(items, temperature=None, token_limit_param="max_completion_tokens")
+    assert results[0].grades == Grades(grammar=7, creativity=3, consistency=5)
+    body = j.server.requests[0].body
+    assert body["max_completion_tokens"] == 100
+    assert "max_tokens" not in body and "temperature" not in body
+    # a different request: not answered from the temperature-0 cache entry
+    j.grade(items)
+    assert j.server.count == 2 and j.server.requests[1].body["temperature"] == 0.0
+
+
 def test_results_follow_item_order_not_timing(judge: Callable[..., Judge]) -> None:
     # Earlier items answer later: completion order is the reverse of item order.
     def slow_first(request: js.Request) -> js.Reply:

@@ -72,6 +72,9 @@ _THINK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 _INT_TEXT = re.compile(r"\s*\d+\s*")
 
 
+TOKEN_LIMIT_PARAMS = ("max_tokens", "max_completion_tokens")
+
+
 @dataclass(frozen=True)
 class JudgeSettings:
     """Where the judge is and how to talk to it."""
@@ -79,8 +82,10 @@ class JudgeSettings:
     base_url: str | None  # None: OPENAI_BASE_URL if set, else OpenAI's API
     model: str
     api_key: str = field(repr=False)  # never printed, logged or written
-    temperature: float = 0.0
+    temperature: float | None = 0.0  # None: not sent (reasoning models accept only the default)
     max_tokens: int = 100
+    # OpenAI's reasoning models reject `max_tokens` and want `max_completion_tokens`.
+    token_limit_param: str = "max_tokens"
     max_concurrency: int = 4
     timeout_s: float = 60.0
     max_attempts: int = 6  # transport-level attempts (connection errors, timeouts, 429, 5xx)
@@ -100,6 +105,10 @@ class JudgeSettings:
                 problems.append(f"{name} must be positive")
         if self.backoff_base_s < 0:
             problems.append("backoff_base_s must not be negative")
+        if self.temperature is not None and self.temperature < 0:
+            problems.append("temperature must not be negative")
+        if self.token_limit_param not in TOKEN_LIMIT_PARAMS:
+            problems.append(f"token_limit_param must be one of {TOKEN_LIMIT_PARAMS}")
         if problems:
             raise ValueError("judge settings: " + "; ".join(problems))
 
@@ -187,7 +196,7 @@ def cache_key(
             "instruction_version": INSTRUCTION_VERSION,
             "messages": [dict(m) for m in messages],
             # Normalised: 0 and 0.0 must not give two keys.
-            "temperature": float(settings.temperature),
+            "temperature": None if settings.temperature is None else float(settings.temperature),
             "max_tokens": int(settings.max_tokens),
             "response_mode": response_mode,
         }
@@ -374,7 +383,9 @@ def _stop_message(exc: openai.APIStatusError, settings: JudgeSettings) -> str:
         what = (
             f"the judge at {where} rejected the request (HTTP {status}): check "
             f"eval.judge.model ({settings.model!r}) and eval.judge.temperature, and that the "
-            f"server accepts max_tokens={settings.max_tokens}"
+            f"server accepts {settings.token_limit_param}={settings.max_tokens} (OpenAI's "
+            "reasoning models want eval.judge.token_limit_param: max_completion_tokens and "
+            "eval.judge.temperature: null)"
         )
     return _redact(f"{what}. The server said: {said}", settings.api_key)
 
@@ -462,11 +473,12 @@ def _request(call: _Call, messages: list[dict[str, str]], mode: str) -> Any:
     fmt = response_format(mode)
     if fmt is not None:
         kwargs["response_format"] = fmt
+    if settings.temperature is not None:
+        kwargs["temperature"] = settings.temperature
+    kwargs[settings.token_limit_param] = settings.max_tokens
     return call.client.chat.completions.create(
         model=settings.model,
         messages=messages,  # type: ignore[arg-type]
-        temperature=settings.temperature,
-        max_tokens=settings.max_tokens,
         **kwargs,
     )
 
@@ -483,7 +495,7 @@ def _backoff_s(call: _Call, failures: int, retry_after: float | None) -> float:
 def _invalid_reason(exc: InvalidReply, choice: Any, settings: JudgeSettings) -> str:
     reason = str(exc)
     if choice is not None and choice.finish_reason == "length":
-        reason += f" (cut at max_tokens={settings.max_tokens})"
+        reason += f" (cut at {settings.token_limit_param}={settings.max_tokens})"
     refusal = getattr(choice.message, "refusal", None) if choice is not None else None
     if refusal:
         reason += f" (refusal: {refusal[:200]})"
