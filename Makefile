@@ -34,6 +34,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/sampler.py
+	$(BIN)/python bench/metrics.py --words 2000000
 
 ui: $(STAMP)
 	$(BIN)/collapse ui
