@@ -206,9 +206,6 @@ def _excerpts_run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
 # --- judge (GPT-Eval) ----------------------------------------------------------------------
 
 
-GRADE_NAMES = ("grammar", "creativity", "consistency")
-
-
 def judge_api_key(config: Any) -> str | None:
     """The judge's API key from its environment variable (the flows put a Prefect Secret there).
 
@@ -324,7 +321,8 @@ def _judge_completions(ctx: Context, gen: int, prompts: list[str]) -> pa.Table:
 
 def _judge_run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
     from collapse.judge.client import JudgeSettings, aggregate, grade_completions
-    from collapse.judge.instruction import INSTRUCTION_VERSION
+    from collapse.judge.instruction import CRITERIA, INSTRUCTION_VERSION
+    from collapse.table import format_cell
 
     judge = ctx.config.eval.judge
     who = "the random-init baseline" if gen == 0 else f"generation {gen}"
@@ -373,7 +371,7 @@ def _judge_run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
         "completion_index": [r.completion_index for r in results],
         **{
             name: [getattr(r.grades, name) if r.grades else None for r in results]
-            for name in GRADE_NAMES
+            for name in CRITERIA
         },
         "failure": [r.failure for r in results],
     }
@@ -383,7 +381,7 @@ def _judge_run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
     result = {
         **summary,
         # flat copies of the means, for the per-generation table
-        **{f"{name}_mean": _mean(summary, name) for name in GRADE_NAMES},
+        **{f"{name}_mean": _mean(summary, name) for name in CRITERIA},
         "baseline": gen == 0,
         "judge": {
             "model": judge.model,
@@ -393,10 +391,7 @@ def _judge_run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
         "prompts": len(prompts),
         "completions": len(items),
     }
-    means = ", ".join(
-        f"{name} {'-' if result[f'{name}_mean'] is None else format(result[f'{name}_mean'], '.2f')}"
-        for name in GRADE_NAMES
-    )
+    means = ", ".join(f"{name} {format_cell(result[f'{name}_mean'], '.2f')}" for name in CRITERIA)
     ctx.log(f"gen {gen}: judge {means} ({summary.get('failures', 0)} failures)")
     return result, [completions_path, grades_path]
 

@@ -37,8 +37,6 @@ from collapse.store import atomic_dir, atomic_write_json, sha256_json
 STAGE_VERSIONS = {"corpus": 1, "train": 1, "sample": 1}
 CHAIN_STAGES = ("corpus", "train", "sample")
 
-__all__ = ["Context", "load_model", "load_run_tokenizer"]
-
 
 def _version(stage: str) -> int:
     return STAGE_VERSIONS[stage] if stage in STAGE_VERSIONS else evaluation(stage).version

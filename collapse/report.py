@@ -28,7 +28,7 @@ from collapse.context import Context
 from collapse.evals import read_result
 from collapse.pipeline import metrics_table, table_columns
 from collapse.store import RunStore, atomic_write_bytes
-from collapse.table import markdown_table
+from collapse.table import format_cell, markdown_table
 
 
 class ReportError(Exception):
@@ -220,10 +220,7 @@ def _table_html(run: RunData) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in ["gen", *(c.header for c in columns)])
     body = []
     for row in run.rows:
-        cells = [str(row["generation"])]
-        for c in columns:
-            value = row.get(c.key)
-            cells.append("-" if value is None else format(value, c.fmt))
+        cells = [str(row["generation"]), *(format_cell(row.get(c.key), c.fmt) for c in columns)]
         body.append("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 

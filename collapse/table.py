@@ -8,7 +8,8 @@ from typing import Any
 from collapse.evals import Column
 
 
-def _cell(value: Any, fmt: str) -> str:
+def format_cell(value: Any, fmt: str) -> str:
+    """A table value: formatted, or "-" where the evaluation has not run or does not apply."""
     return "-" if value is None else format(value, fmt)
 
 
@@ -18,7 +19,7 @@ def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str
     body = [
         [
             str(r["generation"]),
-            *(_cell(r.get(c.key), c.fmt) for c in columns),
+            *(format_cell(r.get(c.key), c.fmt) for c in columns),
             f"{r['stages_done']}/{r['stages_total']}",
         ]
         for r in rows
@@ -35,6 +36,6 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) ->
     headers = ["gen", *(c.header for c in columns)]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
-        cells = [str(r["generation"]), *(_cell(r.get(c.key), c.fmt) for c in columns)]
+        cells = [str(r["generation"]), *(format_cell(r.get(c.key), c.fmt) for c in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

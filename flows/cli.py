@@ -95,7 +95,8 @@ def _stage_state(record: dict[str, Any] | None) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     """`collapse status [RUN]`: per-generation stage table from the manifests."""
     from collapse.config import Config
-    from collapse.pipeline import Context, metrics_table, stages_of, table_columns
+    from collapse.context import Context
+    from collapse.pipeline import metrics_table, stages_of, table_columns
     from collapse.store import RunStore
     from collapse.table import text_table
 

@@ -28,9 +28,9 @@ from prefect.deployments import run_deployment
 from transformers.utils import logging as hf_logging
 
 from collapse.config import Config
+from collapse.context import Context
 from collapse.evals import REGISTRY
 from collapse.pipeline import (
-    Context,
     freeze_config,
     invalidate_from,
     metrics_table,
@@ -74,6 +74,18 @@ def load_judge_secret(cfg: Config) -> None:
         os.environ[judge.api_key_env] = Secret.load(judge.api_key_secret).get()
 
 
+def stage_summary(gen: int, name: str, record: dict[str, Any], reused: bool) -> dict[str, Any]:
+    """What a stage reports to the flow and the CLI: small, JSON, no models or frames."""
+    return {
+        "generation": gen,
+        "stage": name,
+        "key": record["key"],
+        "digest": record["digest"],
+        "reused": reused,
+        "info": record["info"],
+    }
+
+
 def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     # The stage key chains the content digests of the stage's inputs; the flow passes
     # refresh_cache whenever the manifest says the outputs are missing or corrupt.
@@ -88,14 +100,7 @@ def stage(config: dict[str, Any], run_id: str, gen: int, name: str, cache_key: s
     holds_gpu = limit is not None and name in GPU_STAGES
     with concurrency(limit) if holds_gpu else contextlib.nullcontext():
         record = run_stage(ctx, gen, name)
-    return {
-        "generation": gen,
-        "stage": name,
-        "key": record["key"],
-        "digest": record["digest"],
-        "reused": record["reused"],
-        "info": record["info"],
-    }
+    return stage_summary(gen, name, record, record["reused"])
 
 
 @task(task_run_name="report")
@@ -149,16 +154,7 @@ def run_generation_remotely(
                 f"no valid record under {ctx.store.run_dir}: do the workers share "
                 "run.artifact_root with this process?"
             )
-        results.append(
-            {
-                "generation": gen,
-                "stage": name,
-                "key": record["key"],
-                "digest": record["digest"],
-                "reused": before[name],
-                "info": record["info"],
-            }
-        )
+        results.append(stage_summary(gen, name, record, before[name]))
     return results
 
 

@@ -566,11 +566,11 @@ def _grade_one(call: _Call, item: tuple[int, int, str, str]) -> GradeResult:
         except openai.APIResponseValidationError as exc:
             invalid_replies += 1
             error = f"malformed response: {_error_text(exc)}"
-            call.journal.write(event="invalid", status=exc.status_code, error=error, **record)
-            if invalid_replies >= settings.parse_attempts:
-                return _failed(
-                    call, item, f"invalid reply after {invalid_replies} tries: {error}", attempts
-                )
+            failed = _invalid(
+                call, item, invalid_replies, error, attempts, record, status=exc.status_code
+            )
+            if failed is not None:
+                return failed
             continue
         else:
             choice = reply.choices[0] if reply.choices else None
@@ -582,21 +582,19 @@ def _grade_one(call: _Call, item: tuple[int, int, str, str]) -> GradeResult:
             except InvalidReply as exc:
                 invalid_replies += 1
                 error = _invalid_reason(exc, choice, settings)
-                call.journal.write(
-                    event="invalid",
+                failed = _invalid(
+                    call,
+                    item,
+                    invalid_replies,
+                    error,
+                    attempts,
+                    record,
                     reply=text,
-                    error=error,
                     finish_reason=finish,
                     usage=usage,
-                    **record,
                 )
-                if invalid_replies >= settings.parse_attempts:
-                    return _failed(
-                        call,
-                        item,
-                        f"invalid reply after {invalid_replies} tries: {error}",
-                        attempts,
-                    )
+                if failed is not None:
+                    return failed
                 continue
             key = _store(call, messages, mode, text or "", grades)
             call.journal.write(
@@ -627,6 +625,22 @@ def _grade_one(call: _Call, item: tuple[int, int, str, str]) -> GradeResult:
             **record,
         )
         call.sleep(delay)
+
+
+def _invalid(
+    call: _Call,
+    item: tuple[int, int, str, str],
+    invalid_replies: int,
+    error: str,
+    attempts: int,
+    record: dict[str, Any],
+    **details: Any,
+) -> GradeResult | None:
+    """Log an invalid reply; the item's failure once `parse_attempts` replies were invalid."""
+    call.journal.write(event="invalid", error=error, **details, **record)
+    if invalid_replies < call.settings.parse_attempts:
+        return None
+    return _failed(call, item, f"invalid reply after {invalid_replies} tries: {error}", attempts)
 
 
 def _failed(
