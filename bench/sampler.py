@@ -18,7 +18,7 @@ import torch
 
 from collapse.config import ModelConfig
 from collapse.device import pick_device
-from collapse.models import count_parameters, gpt_neo_config, init_model
+from collapse.models import build_model, count_parameters
 from collapse.sample import sample_batch
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     device = pick_device(args.device)
     torch.set_grad_enabled(False)
     bos = eos = args.vocab - 1
-    model = init_model(gpt_neo_config(_model_config(args), args.vocab, bos, eos), seed=0)
+    model = build_model(_model_config(args), args.vocab, bos, eos, seed=0)
     model.to(device).eval()
     params = count_parameters(model)["total"]
     print(

@@ -10,13 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
+from collapse.evals import default_metrics, registry
+from collapse.models.presets import IMPLEMENTATIONS, PRESETS, context_length, resolve_model_fields
+from collapse.sections import PositiveFloat, PositiveInt, Section
 
 
 class ConfigError(Exception):
@@ -25,12 +33,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class RunConfig(Section):
@@ -50,8 +52,12 @@ class RunConfig(Section):
 class ModelConfig(Section):
     """GPT-Neo architecture. A preset fills every field; explicit fields override it."""
 
-    preset: Literal["tinystories-1m", "tinystories-33m"] | None = Field(
+    preset: Literal[tuple(PRESETS)] | None = Field(  # type: ignore[valid-type]
         None, description="TinyStories-1M/-33M architecture (the paper's); fills the fields below."
+    )
+    implementation: Literal[tuple(IMPLEMENTATIONS)] = Field(  # type: ignore[valid-type]
+        "transformers",
+        description="Code that computes the architecture: transformers (the reference).",
     )
     num_layers: PositiveInt | None = Field(None, description="Transformer blocks.")
     hidden_size: PositiveInt | None = Field(None, description="Width of the residual stream.")
@@ -117,13 +123,10 @@ class CorpusConfig(Section):
     def _source_fields(self) -> CorpusConfig:
         if self.source == "hub" and not self.dataset:
             raise ValueError("corpus.dataset is required when corpus.source is 'hub'")
-        if self.source == "local":
-            if not self.path:
-                raise ValueError("corpus.path is required when corpus.source is 'local'")
-            if not Path(self.path).exists():
-                raise ValueError(
-                    f"corpus.path {self.path!r} does not exist (give a .txt, .jsonl or .parquet)"
-                )
+        # Only the setting is checked here; whether the file exists is checked by the corpus
+        # stage that reads it (a saved run must open on a machine that lacks the file).
+        if self.source == "local" and not self.path:
+            raise ValueError("corpus.path is required when corpus.source is 'local'")
         return self
 
 
@@ -181,98 +184,11 @@ class SampleConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
 
 
-class OOVEvalConfig(Section):
-    """Non-word counts (eval `oov`)."""
-
-    lexicon_min_count: PositiveInt = Field(
-        3, description="Words seen this often in the human corpus join the lexicon (names)."
-    )
-    max_documents: PositiveInt | None = Field(
-        None, description="Score only the first N documents of each corpus (cost cap)."
-    )
-    processes: PositiveInt = Field(
-        1, description="Worker processes counting shards in parallel (1: in-process)."
-    )
-
-
-class DiversityEvalConfig(Section):
-    """Repetition and diversity (eval `diversity`)."""
-
-    n_max: int = Field(4, ge=1, le=8, description="distinct-n and rep-n for n = 1..n_max.")
-    self_bleu_samples: int = Field(
-        200, ge=2, description="Documents in the seeded self-BLEU sample."
-    )
-
-
-class ExcerptsEvalConfig(Section):
-    """Stories shown per generation (eval `excerpts`)."""
-
-    count: PositiveInt = Field(8, description="Stories per generation (seeded choice).")
-    max_words: PositiveInt = Field(40, description="First sentence, or this many words.")
-
-
-class JudgeConfig(Section):
-    """LLM-judge grades of story completions (eval `judge`, the paper's GPT-Eval).
-
-    Generation 0 has no model of its own: its judge stage grades a randomly initialised model of
-    the run's architecture, the paper's baseline.
-    """
-
-    model: str | None = Field(
-        None, description="Judge model name; null: the judge stage is skipped (and says so)."
-    )
-    base_url: str | None = Field(
-        None, description="OpenAI-compatible endpoint (vLLM, llama.cpp, Ollama); null: OpenAI."
-    )
-    api_key_env: str = Field(
-        "OPENAI_API_KEY", description="Environment variable holding the key (never stored)."
-    )
-    api_key_secret: str | None = Field(
-        None, description="Prefect Secret block holding the key; read at run time, never stored."
-    )
-    prompts: Literal["tinystories", "file", "validation"] = Field(
-        "validation",
-        description="tinystories: the 44 prompts from the hub; file: prompts_path; validation: "
-        "validation stories cut mid-sentence (offline).",
-    )
-    prompts_path: str | None = Field(None, description="prompts: file (.yaml, .json, .txt).")
-    num_prompts: PositiveInt = Field(44, description="At most this many prompts.")
-    completions_per_prompt: PositiveInt = Field(10, description="Completions per prompt.")
-    max_new_tokens: PositiveInt = Field(210, description="Length cap of a completion.")
-    generations: list[int] | None = Field(
-        None, description="Generations judged (paper: [1, 6, ..., 36]); null: all. Plus gen 0."
-    )
-    temperature: float | None = Field(
-        0.0, ge=0, description="Judge temperature; null: not sent (for reasoning models)."
-    )
-    max_tokens: PositiveInt = Field(
-        100, description="Reply length cap (reasoning models need room to think: ~2000)."
-    )
-    token_limit_param: Literal["max_tokens", "max_completion_tokens"] = Field(
-        "max_tokens", description="How the cap is sent; OpenAI reasoning models: the latter."
-    )
-    max_concurrency: PositiveInt = Field(4, description="Judge requests in flight.")
-    timeout_s: PositiveFloat = Field(60.0, description="Per-request timeout (seconds).")
-    max_attempts: PositiveInt = Field(6, description="Tries per request (errors, 429, 5xx).")
-
-    @model_validator(mode="after")
-    def _prompt_file(self) -> JudgeConfig:
-        if self.prompts == "file":
-            if not self.prompts_path:
-                raise ValueError("prompts_path is required when prompts is 'file'")
-            if not Path(self.prompts_path).is_file():
-                raise ValueError(f"prompts_path {self.prompts_path!r} does not exist")
-        return self
-
-
-EVALUATIONS = ("perplexity", "entropy", "oov", "diversity", "excerpts", "judge")
-
-
-class EvalConfig(Section):
+class EvalSettings(Section):
     """Per-generation evaluations."""
 
     metrics: list[str] = Field(
-        list(EVALUATIONS),
+        default_factory=default_metrics,
         description="Evaluations run on every generation, by registry name.",
     )
     batch_size: PositiveInt = Field(32, description="Perplexity windows per forward pass.")
@@ -280,22 +196,35 @@ class EvalConfig(Section):
         None, description="Perplexity window; default: the model's max positions or train.seq_len."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
-    oov: OOVEvalConfig = OOVEvalConfig()
-    diversity: DiversityEvalConfig = DiversityEvalConfig()
-    excerpts: ExcerptsEvalConfig = ExcerptsEvalConfig()
-    judge: JudgeConfig = JudgeConfig()
 
     @field_validator("metrics")
     @classmethod
     def _registered(cls, value: list[str]) -> list[str]:
-        # The names of collapse.evals.REGISTRY (a test keeps the two equal; importing the
-        # registry here would be circular).
-        unknown = [m for m in value if m not in EVALUATIONS]
+        known = list(registry())
+        unknown = [m for m in value if m not in known]
         if unknown:
-            raise ValueError(f"unknown evaluations {unknown}; choose from {list(EVALUATIONS)}")
+            raise ValueError(f"unknown evaluations {unknown}; choose from {known}")
         if len(set(value)) != len(value):
             raise ValueError(f"lists an evaluation twice: {value}")
         return value
+
+
+def _eval_config() -> type[EvalSettings]:
+    """The `eval` section: the common settings plus one sub-section per evaluation that has one."""
+    sections: dict[str, Any] = {}
+    for name, entry in registry().items():
+        if entry.settings is None:
+            continue
+        if name in EvalSettings.model_fields:
+            raise ValueError(f"evaluation {name!r} clashes with the setting eval.{name}")
+        sections[name] = (entry.settings, Field(default_factory=entry.settings))
+    return create_model(
+        "EvalConfig", __base__=EvalSettings, __doc__=EvalSettings.__doc__, **sections
+    )
+
+
+# Assembled from the registry once, when the config module is imported.
+EvalConfig = _eval_config()
 
 
 class OrchestrationConfig(Section):
@@ -327,15 +256,13 @@ class Config(Section):
     corpus: CorpusConfig = CorpusConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
-    eval: EvalConfig = EvalConfig()
+    eval: EvalConfig = Field(default_factory=EvalConfig)  # type: ignore[valid-type]
     orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
-        from collapse.models import resolve_model_fields
-
-        fields = resolve_model_fields(self.model)  # raises ValueError naming missing fields
-        positions = fields["max_position_embeddings"]
+        resolve_model_fields(self.model)  # raises ValueError naming missing fields
+        positions = context_length(self.model)
         problems = []
         if self.train.seq_len > positions:
             problems.append(
@@ -347,6 +274,9 @@ class Config(Section):
                 f"sample.max_new_tokens ({self.sample.max_new_tokens}) + the BOS token exceeds "
                 f"model.max_position_embeddings ({positions})"
             )
+        for name in self.eval.metrics:
+            check = registry()[name].check
+            problems += check(self) if check else []
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -357,6 +287,11 @@ class Config(Section):
 # finished run computes just that; each evaluation's stage key covers its own settings).
 _HASH_EXCLUDED = {("run", "generations"), ("run", "artifact_root"), ("run", "run_id")}
 _HASH_EXCLUDED_SECTIONS = {"orchestration", "eval"}
+
+# Keys added after runs existed, left out of every hash while they hold the value that all
+# earlier runs implicitly had: adding a key never renames a run folder nor recomputes a stage,
+# and choosing another value does. Stage key functions use `without_neutral` for the same rule.
+HASH_NEUTRAL: dict[tuple[str, str], Any] = {("model", "implementation"): "transformers"}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -408,12 +343,37 @@ def validate_config(data: dict[str, Any]) -> Config:
         raise ConfigError([_format_error(e) for e in exc.errors()]) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+def input_problems(data: dict[str, Any]) -> list[str]:
+    """Input files a config (a plain dict, valid or not) names that do not exist.
+
+    Not part of validation: a saved run must open where its inputs are absent (a GPU worker,
+    a moved corpus). `collapse run` checks them before a run's first start; afterwards the
+    stage that reads a file checks it, if it has to run at all.
+    """
+    problems = []
+    corpus = data.get("corpus") if isinstance(data.get("corpus"), dict) else {}
+    if corpus.get("source") == "local" and corpus.get("path"):
+        if not Path(str(corpus["path"])).exists():
+            problems.append(
+                f"corpus.path {corpus['path']!r} does not exist (give a .txt, .jsonl or .parquet)"
+            )
+    evals = data.get("eval") if isinstance(data.get("eval"), dict) else {}
+    judge = evals.get("judge") if isinstance(evals.get("judge"), dict) else {}
+    if judge.get("prompts") == "file" and judge.get("prompts_path"):
+        if not Path(str(judge["prompts_path"])).is_file():
+            problems.append(f"eval.judge.prompts_path {judge['prompts_path']!r} does not exist")
+    return problems
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, *, check_inputs: bool = True
+) -> Config:
     """Load a YAML config, apply dotted overrides, validate.
 
     Args:
         path: YAML file.
         overrides: `key.sub=value` strings (values parsed as YAML).
+        check_inputs: also report input files that do not exist (`input_problems`).
 
     Returns:
         The validated config.
@@ -434,7 +394,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     data.setdefault("run", {})
     if isinstance(data["run"], dict):
         data["run"].setdefault("name", _name_from_path(path))
-    return validate_config(data)
+    missing = input_problems(data) if check_inputs else []
+    try:
+        config = validate_config(data)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems + missing) from None
+    if missing:
+        raise ConfigError(missing)
+    return config
 
 
 def _name_from_path(path: Path) -> str:
@@ -462,7 +429,18 @@ def config_hash(config: Config) -> str:
         data.pop(section, None)
     for section, key in _HASH_EXCLUDED:
         data.get(section, {}).pop(key, None)
+    for section in data:
+        data[section] = without_neutral(section, data[section])
     return section_hash(data)
+
+
+def without_neutral(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A section's values without the `HASH_NEUTRAL` keys that hold their neutral value."""
+    return {
+        key: value
+        for key, value in values.items()
+        if (section, key) not in HASH_NEUTRAL or HASH_NEUTRAL[(section, key)] != value
+    }
 
 
 def run_id_for(config: Config) -> str:

@@ -1,13 +1,21 @@
-"""What every stage needs (config, store, reporting) and the readers of earlier stages' outputs."""
+"""What every stage needs (config, store, reporting), readers of earlier stages' outputs, and
+`open_run`, the one way a run folder becomes a `Context` again (CLI, report)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from collapse.config import Config
 from collapse.store import RunStore
+
+if TYPE_CHECKING:
+    from collapse.config import Config
+
+
+class RunNotFoundError(Exception):
+    """A path that is not a run folder (no config.yaml), or a saved config that cannot be read."""
 
 
 @dataclass
@@ -18,6 +26,31 @@ class Context:
     store: RunStore
     progress: bool = False
     log: Callable[[str], None] = field(default=print)
+
+
+def open_run(run_dir: Path, log: Callable[[str], None] | None = None) -> Context:
+    """The context of an existing run folder, from its saved `config.yaml`.
+
+    Validation of a saved config checks types and cross-section rules only, never that input
+    files still exist: a run whose corpus file has moved, or that is read on a machine without
+    it, still opens (the stage that reads the file checks it, if it has to run at all).
+
+    Raises:
+        RunNotFoundError: no config.yaml in `run_dir`, or one that no longer validates.
+    """
+    import yaml
+
+    from collapse.config import ConfigError, validate_config
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise RunNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    try:
+        config = validate_config(yaml.safe_load(path.read_text()))
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise RunNotFoundError(f"{path} cannot be read: {exc}") from None
+    return Context(config, RunStore(run_dir.parent, run_dir.name), log=log or (lambda _: None))
 
 
 def stage_record(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
@@ -37,15 +70,35 @@ def corpus_digest(ctx: Context, gen: int) -> str:
     return stage_record(ctx, gen, "corpus" if gen == 0 else "sample")["digest"]
 
 
+def corpus_shards(ctx: Context, gen: int) -> list[Path]:
+    """The Parquet shards of generation `gen`'s corpus, in order."""
+    from collapse.corpus.parquet import shard_paths
+
+    return shard_paths(ctx.store.corpus_dir(gen))
+
+
 def load_run_tokenizer(ctx: Context) -> Any:
     """The run's tokenizer (saved in generation 0)."""
     from collapse.tokenizer import load_tokenizer
 
-    return load_tokenizer(ctx.store.gen_dir(0) / "tokenizer")
+    return load_tokenizer(ctx.store.tokenizer_dir())
 
 
 def load_model(ctx: Context, gen: int, device: Any) -> Any:
-    """Generation `gen`'s trained model."""
-    from transformers import GPTNeoForCausalLM
+    """Generation `gen`'s trained model, by the configured implementation."""
+    from collapse.models import load_model as load
 
-    return GPTNeoForCausalLM.from_pretrained(str(ctx.store.gen_dir(gen) / "model")).to(device)
+    return load(ctx.config.model, ctx.store.model_dir(gen), device)
+
+
+def read_result(ctx: Context, gen: int, name: str) -> dict[str, Any] | None:
+    """An evaluation's stored result, or None unless the manifest holds a valid record of it.
+
+    Files of dropped stages stay on disk (e.g. after `--from-generation`); only the manifest
+    says what is current.
+    """
+    import json
+
+    if ctx.store.valid_record(gen, f"eval.{name}", None) is None:
+        return None
+    return json.loads(ctx.store.eval_path(gen, name).read_text())

@@ -10,12 +10,12 @@ setting) the full distribution at temperature T is sampled.
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 from transformers.generation.logits_process import (
@@ -27,6 +27,7 @@ from transformers.generation.logits_process import (
 
 from collapse.corpus.parquet import shard_name, write_shard
 from collapse.faults import crash_point
+from collapse.models import implementation_of
 from collapse.seeding import derive_seed
 from collapse.store import atomic_write_json, sha256_file
 
@@ -76,27 +77,22 @@ def sample_batch(
         (new token ids of each sequence without BOS/prefix/EOS, whether it ended with EOS).
     """
     device = device or next(model.parameters()).device
-    # transformers 5.24 renamed `past_key_values` to `cache`; accept both generations of the API.
-    cache_arg = (
-        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    )
+    impl = implementation_of(model)
     warpers = _warpers(temperature, top_k, top_p)
     start = torch.tensor([bos_id, *(prefix or [])], dtype=torch.long, device=device)
     input_ids = start.expand(batch_size, -1)
-    out = model(input_ids=input_ids, use_cache=True)
+    last, state = impl.prefill(model, input_ids)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     steps: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float()
-        scores = warpers(input_ids, logits)
+        scores = warpers(input_ids, last.float())
         nxt = draw_tokens(torch.softmax(scores, dim=-1))
         nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
         steps.append(nxt)
         finished |= nxt == eos_id
         if bool(finished.all()):
             break
-        cache = out.cache if cache_arg == "cache" else out.past_key_values
-        out = model(input_ids=nxt[:, None], use_cache=True, **{cache_arg: cache})
+        last, state = impl.decode(model, nxt, state)
     tokens = torch.stack(steps, dim=1).cpu().tolist() if steps else [[] for _ in range(batch_size)]
     seqs, ended = [], []
     for row in tokens:
@@ -123,22 +119,29 @@ def sample_corpus(
     *,
     seed: int,
     progress_key: str,
+    progress_path: Path | None = None,
     device: torch.device,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Sample `cfg.num_sequences` sequences into `out_dir/part-*.parquet`, resuming finished shards.
 
-    Shard i is drawn with the seed derive_seed(seed, "shard", i) whatever happened before it, and
-    a progress file records each finished shard's sha256, so a restarted run skips exactly the
-    shards that are complete and intact.
+    Shard i is drawn with the seed derive_seed(seed, "shard", i) whatever happened before it,
+    and `progress_path` (default: `out_dir/_progress.json`) records each finished shard's
+    sha256, so a restarted run skips exactly the shards that are complete and intact. Stories
+    start after the tokenizer's start token and end at its end token
+    (`collapse.tokenizer.special_ids`).
 
     Returns:
-        Stats: sequences, shards, shards_reused, tokens, finished_fraction.
+        Stats: sequences, shards, shards_reused, tokens (EOS excluded), finished_fraction,
+        mean_length.
     """
+    from collapse.tokenizer import special_ids
+
+    start_id, end_id = special_ids(tokenizer)
+    progress_path = progress_path or out_dir / "_progress.json"
     model.to(device)
     model.eval()
-    progress_path = out_dir / "_progress.json"
     done: dict[str, str] = {}
     if progress_path.exists():
         state = json.loads(progress_path.read_text())
@@ -150,7 +153,7 @@ def sample_corpus(
     }
     for name in stale:
         (out_dir / name).unlink()
-    reused = 0
+    reused = tokens = finished = 0
     if done and log:
         log(f"resuming sampling: {len(done)} of {len(sizes)} shards already written")
     bar = tqdm(total=cfg.num_sequences, disable=not progress, desc="sample", unit="seq")
@@ -159,6 +162,9 @@ def sample_corpus(
         path = out_dir / name
         if name in done and path.exists() and sha256_file(path) == done[name]:
             reused += 1
+            kept = pq.read_table(path, columns=["length", "finished"])
+            tokens += int(_column_sum(kept.column("length")))
+            finished += int(_column_sum(kept.column("finished")))
             bar.update(size)
             continue
         ids: list[list[int]] = []
@@ -171,8 +177,8 @@ def sample_corpus(
                     model,
                     n,
                     cfg.max_new_tokens,
-                    tokenizer.bos_token_id,
-                    tokenizer.eos_token_id,
+                    start_id,
+                    end_id,
                     temperature=cfg.temperature,
                     top_k=cfg.top_k,
                     top_p=cfg.top_p,
@@ -181,6 +187,8 @@ def sample_corpus(
                 ids += seqs
                 ended += fin
                 bar.update(n)
+        tokens += sum(map(len, ids))
+        finished += sum(ended)
         texts = tokenizer.batch_decode(ids)
         write_shard(path, ids, texts, ended)
         done[name] = sha256_file(path)
@@ -190,4 +198,19 @@ def sample_corpus(
             log(f"shard {index + 1}/{len(sizes)} written")
     bar.close()
     progress_path.unlink(missing_ok=True)
-    return {"shards": len(sizes), "shards_reused": reused, "sequences": cfg.num_sequences}
+    n = cfg.num_sequences
+    return {
+        "shards": len(sizes),
+        "shards_reused": reused,
+        "sequences": n,
+        "tokens": tokens,
+        "finished_fraction": finished / n,
+        "mean_length": tokens / n,
+    }
+
+
+def _column_sum(column: Any) -> int:
+    """Sum of an integer or boolean Arrow column."""
+    import pyarrow.compute as pc
+
+    return pc.sum(pc.cast(column, "int64")).as_py() or 0

@@ -121,6 +121,48 @@ class RunStore:
         """Folder of generation `generation` (0 = the human corpus)."""
         return self.run_dir / f"gen-{generation:03d}"
 
+    # --- the layout of a run folder (the one place paths are spelled) ---------------------
+
+    def corpus_dir(self, generation: int) -> Path:
+        """Generation's corpus shards: the human train split (0) or the sampled corpus."""
+        return self.gen_dir(generation) / "corpus"
+
+    def validation_path(self) -> Path:
+        """The human validation set (generation 0)."""
+        return self.gen_dir(0) / "validation.parquet"
+
+    def tokenizer_dir(self) -> Path:
+        """The run's tokenizer (generation 0)."""
+        return self.gen_dir(0) / "tokenizer"
+
+    def model_dir(self, generation: int) -> Path:
+        """Generation's trained model (a transformers-loadable checkpoint)."""
+        return self.gen_dir(generation) / "model"
+
+    def train_stats_path(self, generation: int) -> Path:
+        """Generation's training statistics (losses per step, throughput)."""
+        return self.gen_dir(generation) / "train.json"
+
+    def train_state_dir(self, generation: int) -> Path:
+        """Mid-training checkpoints (removed once the model is saved)."""
+        return self.gen_dir(generation) / "train-state"
+
+    def sample_progress_path(self, generation: int) -> Path:
+        """Which sampled shards are finished (removed once the corpus is complete)."""
+        return self.corpus_dir(generation) / "_progress.json"
+
+    def eval_dir(self, generation: int) -> Path:
+        """Generation's evaluation results and their side files."""
+        return self.gen_dir(generation) / "eval"
+
+    def eval_path(self, generation: int, name: str) -> Path:
+        """The result of evaluation `name` on generation `generation`."""
+        return self.eval_dir(generation) / f"{name}.json"
+
+    def shared_dir(self, name: str) -> Path:
+        """A run-wide folder shared by generations (e.g. the judge's response cache)."""
+        return self.run_dir / name
+
     def manifest_path(self, generation: int) -> Path:
         """The generation's manifest file."""
         return self.gen_dir(generation) / MANIFEST

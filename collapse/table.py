@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from collapse.evals import Column
+if TYPE_CHECKING:
+    from collapse.evals.base import Column
 
 
 def format_cell(value: Any, fmt: str) -> str:

@@ -104,3 +104,15 @@ def build_tokenizer(
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer saved with `save_pretrained` (e.g. a run's gen-000/tokenizer)."""
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def special_ids(tok: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """(start, end): the token every document is read after, and the token that ends it.
+
+    The one definition used by training (documents packed as start, doc, end, ...), sampling
+    (stories drawn after start) and perplexity (scored after start). GPT-2-style tokenizers
+    have one `<|endoftext|>` for both; a tokenizer without a BOS starts documents after EOS.
+    """
+    end = tok.eos_token_id
+    start = tok.bos_token_id if tok.bos_token_id is not None else end
+    return int(start), int(end)

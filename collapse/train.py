@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from collapse.device import autocast, autocast_dtype
 from collapse.faults import crash_point
+from collapse.models import implementation_of
 from collapse.seeding import derive_seed
 from collapse.store import atomic_path
 
@@ -115,6 +116,7 @@ def train_model(
     """
     model.to(device)
     model.train()
+    impl = implementation_of(model)
     amp = autocast_dtype(cfg.precision, device)
     steps = total_steps(len(blocks), blocks.shape[1], cfg)
     accum = cfg.effective_batch // cfg.batch_size
@@ -162,7 +164,7 @@ def train_model(
             idx = order.blocks(step * cfg.effective_batch + micro * cfg.batch_size, cfg.batch_size)
             batch = torch.from_numpy(blocks[idx].astype(np.int64)).to(device, non_blocking=True)
             with autocast(device, amp):
-                logits = model(input_ids=batch).logits
+                logits = impl.logits(model, batch)
             loss = token_loss(logits, batch) / accum
             scaler.scale(loss).backward()
             step_loss += loss.item()

@@ -15,7 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collapse.config import ConfigError, config_to_dict, load_config, run_id_for
+from collapse.config import (
+    ConfigError,
+    config_to_dict,
+    input_problems,
+    load_config,
+    run_id_for,
+)
 
 EXIT_USAGE = 2
 
@@ -28,9 +34,19 @@ def _fail(message: str) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """`collapse run CONFIG [key=value ...]`."""
     try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        return _fail(str(exc))
+        config = load_config(args.config, args.overrides, check_inputs=False)
+    except ConfigError:
+        try:  # report every problem at once, missing input files included
+            load_config(args.config, args.overrides)
+        except ConfigError as exc:
+            return _fail(str(exc))
+        raise
+    # Inputs are checked before a run's first start; a resumed run may no longer need them
+    # (its corpus stage is done), and the stage that reads a file checks it if it must run.
+    if not (Path(config.run.artifact_root) / run_id_for(config) / "config.yaml").is_file():
+        missing = input_problems(config_to_dict(config))
+        if missing:
+            return _fail(str(ConfigError(missing)))
     if args.from_generation is not None and not (
         0 <= args.from_generation <= config.run.generations
     ):
@@ -94,8 +110,7 @@ def _stage_state(record: dict[str, Any] | None) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """`collapse status [RUN]`: per-generation stage table from the manifests."""
-    from collapse.config import Config
-    from collapse.context import Context
+    from collapse.context import RunNotFoundError, open_run
     from collapse.pipeline import metrics_table, stages_of, table_columns
     from collapse.store import RunStore
     from collapse.table import text_table
@@ -111,13 +126,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{run}  generations on disk: {len(store.generations_on_disk())}")
         return 0
     run_dir = Path(args.run) if Path(args.run).is_dir() else root / args.run
-    if not (run_dir / "config.yaml").is_file():
-        return _fail(f"no run at {run_dir} (expected {run_dir / 'config.yaml'})")
-    import yaml
-
-    cfg = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    store = RunStore(run_dir.parent, run_dir.name)
-    ctx = Context(cfg, store, log=lambda _: None)
+    try:
+        ctx = open_run(run_dir)
+    except RunNotFoundError as exc:
+        return _fail(str(exc))
+    cfg, store = ctx.config, ctx.store
     print(f"run {run_dir.name}  ({run_dir.resolve()})\n")
     for gen in range(0, cfg.run.generations + 1):
         stages = store.read_manifest(gen)["stages"]

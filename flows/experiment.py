@@ -29,9 +29,9 @@ from transformers.utils import logging as hf_logging
 
 from collapse.config import Config
 from collapse.context import Context
-from collapse.evals import REGISTRY
 from collapse.pipeline import (
     freeze_config,
+    gpu_stages,
     invalidate_from,
     metrics_table,
     run_stage,
@@ -41,8 +41,6 @@ from collapse.pipeline import (
 )
 from collapse.report import load_run, summary_markdown, write_report
 from collapse.store import RunStore
-
-GPU_STAGES = ("train", "sample", *(f"eval.{e.name}" for e in REGISTRY.values() if e.needs_gpu))
 
 
 def artifact_key(run_id: str, kind: str) -> str:
@@ -97,7 +95,7 @@ def stage(config: dict[str, Any], run_id: str, gen: int, name: str, cache_key: s
     """Run one stage (or return its valid record) and return a small summary."""
     ctx = make_context(config, run_id)
     limit = ctx.config.orchestration.gpu_concurrency_limit
-    holds_gpu = limit is not None and name in GPU_STAGES
+    holds_gpu = limit is not None and name in gpu_stages()
     with concurrency(limit) if holds_gpu else contextlib.nullcontext():
         record = run_stage(ctx, gen, name)
     return stage_summary(gen, name, record, record["reused"])

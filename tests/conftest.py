@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from collapse.config import EVALUATIONS, Config, ModelConfig
+from collapse.config import Config, ModelConfig
 from collapse.context import Context
-from collapse.models import gpt_neo_config, init_model
+from collapse.evals import registry
+from collapse.models import build_model
 from collapse.pipeline import freeze_config, run_stage, stages_of
 from collapse.store import RunStore
 
@@ -77,13 +78,8 @@ def tiny_config_file(tmp_path: Path, story_file: Path) -> Path:
 
 @pytest.fixture
 def tiny_model():
-    cfg = gpt_neo_config(
-        ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_position_embeddings=64),
-        vocab_size=50,
-        bos_id=0,
-        eos_id=0,
-    )
-    return init_model(cfg, seed=3).eval()
+    model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_position_embeddings=64)
+    return build_model(model_cfg, vocab_size=50, start_id=0, end_id=0, seed=3).eval()
 
 
 def run_all(ctx: Context) -> dict[tuple[int, str], dict]:
@@ -115,7 +111,7 @@ def tiny_run(tmp_path_factory, judge_server: JudgeServer) -> Iterator[Context]:
     tmp = tmp_path_factory.mktemp("pipeline")
     data = tiny_config_dict(write_story_file(tmp / "stories.txt", n=200), tmp / "artifacts")
     data["eval"] = {
-        "metrics": list(EVALUATIONS),
+        "metrics": list(registry()),
         "excerpts": {"count": 4},
         "judge": {
             "model": "test-judge",

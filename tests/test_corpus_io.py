@@ -79,6 +79,15 @@ def test_shards_round_trip_and_are_byte_stable(tmp_path: Path):
 def test_packing_joins_documents_with_eos(tmp_path: Path):
     write_shard(tmp_path / shard_name(0), [[5, 6], [7]], ["", ""], [True, True])
     write_shard(tmp_path / shard_name(1), [[8, 9, 10]], [""], [True])
-    stream = packed_stream(shard_paths(tmp_path), eos_id=0)
+    stream = packed_stream(shard_paths(tmp_path), end_id=0)
     assert stream.tolist() == [0, 5, 6, 0, 7, 0, 8, 9, 10, 0]
     assert stream.dtype == np.int32
+    assert packed_stream(shard_paths(tmp_path), end_id=0, start_id=0).tolist() == stream.tolist()
+
+
+def test_a_distinct_start_token_opens_every_document(tmp_path: Path):
+    # Sampling and perplexity read every document after the start token: so must training.
+    write_shard(tmp_path / shard_name(0), [[5, 6], [], [7]], ["", "", ""], [True] * 3)
+    write_shard(tmp_path / shard_name(1), [[8]], [""], [True])
+    stream = packed_stream(shard_paths(tmp_path), end_id=2, start_id=1)
+    assert stream.tolist() == [1, 5, 6, 2, 1, 2, 1, 7, 2, 1, 8, 2]

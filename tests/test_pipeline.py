@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from collapse.config import EVALUATIONS, Config
+from collapse.config import Config, EvalConfig
 from collapse.context import Context
-from collapse.evals import REGISTRY
+from collapse.evals import registry
 from collapse.judge.instruction import build_messages
 from collapse.pipeline import metrics_table, stages_of, table_columns
 from collapse.table import text_table
@@ -20,8 +20,10 @@ from .conftest import PLANTED_KEY, run_all
 from .judge_server import JudgeServer, grades_for
 
 
-def test_config_names_every_registered_evaluation():
-    assert set(EVALUATIONS) == set(REGISTRY)
+def test_every_registered_evaluation_is_offered_and_on_by_default():
+    names = ["perplexity", "entropy", "oov", "diversity", "excerpts", "judge"]
+    assert list(registry()) == names
+    assert EvalConfig().metrics == names
 
 
 def test_every_evaluation_writes_its_result(tiny_run: Context):

@@ -14,9 +14,11 @@ import matplotlib.image as mpimg
 import pytest
 
 from collapse.context import Context
-from collapse.report import FIGURES, ReportError, load_run, summary_markdown, write_report
+from collapse.report import ReportError, load_run, report_figures, summary_markdown, write_report
 
 from .conftest import REPO
+
+FIGURES = [figure.name for figure in report_figures()]
 
 
 class _Page(HTMLParser):

@@ -9,17 +9,15 @@ import pytest
 import torch
 
 from collapse.config import ModelConfig, TrainConfig
-from collapse.models import gpt_neo_config, init_model
+from collapse.models import build_model
 from collapse.train import make_blocks, total_steps, train_model
 
 CPU = torch.device("cpu")
 
 
 def _model(seed: int = 0):
-    cfg = gpt_neo_config(
-        ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_position_embeddings=64), 20, 0, 0
-    )
-    return init_model(cfg, seed)
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_position_embeddings=64)
+    return build_model(cfg, 20, 0, 0, seed)
 
 
 def _blocks(n_docs: int = 64) -> np.ndarray:

@@ -75,14 +75,27 @@ def documents(paths: Sequence[Path]) -> Iterator[list[int]]:
         yield from table.column("input_ids").to_pylist()
 
 
-def packed_stream(paths: Sequence[Path], eos_id: int) -> np.ndarray:
-    """All documents joined into one token stream: EOS, doc, EOS, doc, EOS, ...
+def packed_stream(paths: Sequence[Path], end_id: int, start_id: int | None = None) -> np.ndarray:
+    """All documents joined into one token stream for training.
 
-    The leading EOS doubles as the BOS of the first document, and every EOS after a document is
-    a trained target, so models learn to end a story (the public code masked it; PROTOCOL.md).
+    With one token for both ends (GPT-2's `<|endoftext|>`, `start_id` None or equal to
+    `end_id`): end, doc, end, doc, end, ...: the leading token doubles as the start of the
+    first document. With a distinct start token: start, doc, end, start, doc, end, ... Either
+    way every document is read after the start token, as sampling and perplexity read it, and
+    every end token after a document is a trained target, so models learn to end a story (the
+    public code masked it; PROTOCOL.md).
     """
-    pieces = [np.array([eos_id], dtype=np.int32)]
+    shared = start_id is None or start_id == end_id
+    pieces = [np.array([end_id], dtype=np.int32)] if shared else []
     for table in iter_tables(paths, ["input_ids"]):
         flat, offsets = token_arrays(table)
-        pieces.append(np.insert(flat, offsets[1:], eos_id).astype(np.int32, copy=False))
-    return np.concatenate(pieces)
+        if shared:
+            pieces.append(np.insert(flat, offsets[1:], end_id).astype(np.int32, copy=False))
+            continue
+        # start before each document, end after it; at a shared offset the end of one document
+        # precedes the start of the next (np.insert keeps the order of equal positions).
+        n = len(offsets) - 1
+        where = np.stack([offsets[:-1], offsets[1:]], axis=1).ravel()
+        values = np.tile(np.array([start_id, end_id], dtype=np.int64), n)
+        pieces.append(np.insert(flat, where, values).astype(np.int32, copy=False))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from collapse.models import implementation_of
+
 
 def windows(
     doc: Sequence[int], bos_id: int, eos_id: int, context: int
@@ -54,6 +56,7 @@ def perplexity(
     """
     device = device or next(model.parameters()).device
     model.eval()
+    impl = implementation_of(model)
     items = [w for doc in docs for w in windows(doc, bos_id, eos_id, context)]
     items.sort(key=lambda w: len(w[0]))  # similar lengths per batch: little padding
     total_nll, total_tokens = 0.0, 0
@@ -68,7 +71,7 @@ def perplexity(
             mask[row, : len(ids)] = 1
             labels[row, len(ids) - n_scored : len(ids)] = torch.tensor(ids[len(ids) - n_scored :])
         input_ids, labels, mask = input_ids.to(device), labels.to(device), mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+        logits = impl.logits(model, input_ids, mask).float()
         nll = F.cross_entropy(
             logits[:, :-1].flatten(0, 1),
             labels[:, 1:].flatten(),
