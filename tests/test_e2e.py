@@ -64,9 +64,7 @@ def collapse(home: Path, *args: str, fault: str | None = None, timeout: int = 30
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(
-        proc.args, code, out_path.read_text(), err_path.read_text()
-    )
+    return subprocess.CompletedProcess(proc.args, code, out_path.read_text(), err_path.read_text())
 
 
 def make_config(tmp: Path, corpus: Path, root: Path) -> Path:

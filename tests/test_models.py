@@ -61,9 +61,7 @@ def test_init_does_not_touch_the_global_rng():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_saved_model_loads_with_transformers_and_through_the_interface(
-    tmp_path: Path, tiny_model
-):
+def test_saved_model_loads_with_transformers_and_through_the_interface(tmp_path: Path, tiny_model):
     save_model(tiny_model, tmp_path)
     ids = torch.tensor([[0, 5, 7, 9]])
     reference = AutoModelForCausalLM.from_pretrained(str(tmp_path))
