@@ -137,3 +137,35 @@ def test_judge_settings_are_checked(tiny_config_file: Path):
     text = str(err.value)
     assert "eval.judge: prompts_path is required when prompts is 'file'" in text
     assert "eval.metrics" in text and "'tea'" in text
+
+
+def test_a_judge_answer_that_leaves_no_room_for_a_prompt_is_rejected(tiny_config_file: Path):
+    # tiny config: model.max_position_embeddings 128
+    judged = ["eval.judge.model=test-judge"]
+    for max_new in (127, 200):
+        with pytest.raises(ConfigError) as err:
+            load_config(tiny_config_file, [*judged, f"eval.judge.max_new_tokens={max_new}"])
+        text = str(err.value)
+        assert "eval.judge.max_new_tokens" in text and "model.max_position_embeddings" in text
+    load_config(tiny_config_file, [*judged, "eval.judge.max_new_tokens=126"])  # 1 prompt token
+    # an unconfigured judge generates nothing, so its length cap cannot overflow anything
+    load_config(tiny_config_file, ["eval.judge.max_new_tokens=500"])
+
+
+def test_a_perplexity_window_beyond_the_model_is_rejected(tiny_config_file: Path):
+    with pytest.raises(ConfigError, match=r"eval.context \(129\) exceeds model.max_position"):
+        load_config(tiny_config_file, ["eval.context=129"])
+    assert load_config(tiny_config_file, ["eval.context=128"]).eval.context == 128
+
+
+def test_a_saved_config_loads_without_its_input_files(tiny_config_file: Path, tmp_path: Path):
+    from collapse.config import input_problems, validate_config
+
+    config = load_config(tiny_config_file)
+    data = config.model_dump(mode="json")
+    Path(data["corpus"]["path"]).unlink()
+    data["eval"]["judge"].update(prompts="file", prompts_path=str(tmp_path / "gone.yaml"))
+    assert validate_config(data).corpus.path == data["corpus"]["path"]
+    problems = input_problems(data)
+    assert len(problems) == 2
+    assert "corpus.path" in problems[0] and "eval.judge.prompts_path" in problems[1]
