@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,58 @@ def test_trained_bpe_is_deterministic_and_round_trips(tmp_path: Path):
 def test_bpe_without_texts_is_an_error():
     with pytest.raises(ValueError, match="training texts"):
         build_tokenizer("bpe", None)
+
+
+def _bos_eos_tokenizer(path: Path, texts: list[str]) -> Path:
+    """A local tokenizer (as a hub one would be) whose BOS `<s>` differs from its EOS `</s>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+    wrapped.save_pretrained(str(path))
+    return path
+
+
+def test_a_tokenizer_with_its_own_bos_starts_documents_with_it_everywhere(tmp_path: Path):
+    from collapse.config import Config
+    from collapse.context import Context
+    from collapse.corpus.parquet import packed_stream
+    from collapse.pipeline import freeze_config, stage_key
+    from collapse.store import RunStore
+    from collapse.tokenizer import special_ids
+
+    from .conftest import run_all, tiny_config_dict, write_story_file
+
+    stories = write_story_file(tmp_path / "stories.txt", n=80)
+    tok_dir = _bos_eos_tokenizer(tmp_path / "tok", stories.read_text().split("\n\n"))
+    data = tiny_config_dict(stories, tmp_path / "art", generations=1)
+    data["tokenizer"] = {"name": f"hub:{tok_dir}"}
+    data["sample"].update(num_sequences=20, batch_size=20, shard_size=20)
+    data["eval"] = {"metrics": ["perplexity", "entropy"]}
+    ctx = Context(Config.model_validate(data), RunStore(tmp_path / "art", "bos"), log=print)
+    freeze_config(ctx)
+    records = run_all(ctx)
+    tok = load_tokenizer(ctx.store.tokenizer_dir())
+    start, end = special_ids(tok)
+    assert (start, end) == (tok.convert_tokens_to_ids("<s>"), tok.convert_tokens_to_ids("</s>"))
+    stream = packed_stream(sorted(ctx.store.corpus_dir(0).glob("part-*.parquet")), end, start)
+    assert stream[0] == start and (stream == start).sum() == (stream == end).sum() == 76
+    model_cfg = json.loads((ctx.store.model_dir(1) / "config.json").read_text())
+    assert (model_cfg["bos_token_id"], model_cfg["eos_token_id"]) == (start, end)
+    assert records[(1, "eval.perplexity")]["info"]["perplexity"] > 1
+    # the start token is part of the training key only where it differs from the end token
+    key = stage_key(ctx, 1, "train")
+    data["tokenizer"] = {"name": "bpe", "vocab_size": 300}
+    assert key != stage_key(Context(Config.model_validate(data), ctx.store), 1, "train")
