@@ -42,15 +42,15 @@ def open_run(run_dir: Path, log: Callable[[str], None] | None = None) -> Context
 
     from collapse.config import ConfigError, validate_config
 
-    run_dir = Path(run_dir)
-    path = run_dir / "config.yaml"
+    store = RunStore(Path(run_dir).parent, Path(run_dir).name)
+    path = store.config_path
     if not path.is_file():
         raise RunNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     try:
         config = validate_config(yaml.safe_load(path.read_text()))
     except (ConfigError, yaml.YAMLError) as exc:
         raise RunNotFoundError(f"{path} cannot be read: {exc}") from None
-    return Context(config, RunStore(run_dir.parent, run_dir.name), log=log or (lambda _: None))
+    return Context(config, store, log=log or (lambda _: None))
 
 
 def stage_record(ctx: Context, gen: int, stage: str) -> dict[str, Any]:

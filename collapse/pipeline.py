@@ -129,8 +129,8 @@ def freeze_config(ctx: Context) -> None:
     from collapse.config import ConfigError, config_hash
     from collapse.store import atomic_write_bytes
 
-    path = ctx.store.run_dir / "config.yaml"
-    frozen_hash_path = ctx.store.run_dir / "config.sha256"
+    path = ctx.store.config_path
+    frozen_hash_path = ctx.store.config_hash_path
     current = config_hash(ctx.config)
     if frozen_hash_path.exists():
         frozen = frozen_hash_path.read_text().strip()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -122,6 +123,16 @@ class RunStore:
         return self.run_dir / f"gen-{generation:03d}"
 
     # --- the layout of a run folder (the one place paths are spelled) ---------------------
+
+    @property
+    def config_path(self) -> Path:
+        """The run's frozen config (YAML)."""
+        return self.run_dir / CONFIG_FILE
+
+    @property
+    def config_hash_path(self) -> Path:
+        """The hash of the config the run was started with."""
+        return self.run_dir / "config.sha256"
 
     def corpus_dir(self, generation: int) -> Path:
         """Generation's corpus shards: the human train split (0) or the sampled corpus."""

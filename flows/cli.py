@@ -43,7 +43,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     # Inputs are checked before a run's first start; a resumed run may no longer need them
     # (its corpus stage is done), and the stage that reads a file checks it if it must run.
-    if not (Path(config.run.artifact_root) / run_id_for(config) / "config.yaml").is_file():
+    from collapse.store import RunStore
+
+    if not RunStore(config.run.artifact_root, run_id_for(config)).config_path.is_file():
         missing = input_problems(config_to_dict(config))
         if missing:
             return _fail(str(ConfigError(missing)))
@@ -112,12 +114,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     """`collapse status [RUN]`: per-generation stage table from the manifests."""
     from collapse.context import RunNotFoundError, open_run
     from collapse.pipeline import metrics_table, stages_of, table_columns
-    from collapse.store import RunStore
+    from collapse.store import CONFIG_FILE, RunStore
     from collapse.table import text_table
 
     root = Path(args.root)
     if args.run is None:
-        runs = sorted(p.name for p in root.glob("*") if (p / "config.yaml").is_file())
+        runs = sorted(p.name for p in root.glob("*") if (p / CONFIG_FILE).is_file())
         if not runs:
             print(f"no runs under {root}")
             return 0
@@ -144,10 +146,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """`collapse report RUN [RUN ...]`: report.html and PNG figures of one run or an overlay."""
     from collapse.report import ReportError, write_report
+    from collapse.store import CONFIG_FILE
 
     root = Path(args.root)
     run_dirs = [Path(r) if Path(r).is_dir() else root / r for r in args.runs]
-    missing = [str(d) for d in run_dirs if not (d / "config.yaml").is_file()]
+    missing = [str(d) for d in run_dirs if not (d / CONFIG_FILE).is_file()]
     if missing:
         return _fail(f"not a run directory (no config.yaml): {', '.join(missing)}")
     try:
