@@ -181,6 +181,12 @@ class SampleConfig(Section):
     temperature: PositiveFloat = Field(1.0, description="Softmax temperature (paper: 1).")
     top_k: int = Field(0, ge=0, description="0 disables top-k (the paper: disabled).")
     top_p: float = Field(1.0, gt=0, le=1, description="1.0 disables nucleus sampling.")
+    rng: Literal["shard", "story"] = Field(
+        "shard",
+        description="shard: one seeded stream per shard, shared by its batches; story: "
+        "counter-based per (generation, story, position), so a story does not depend on "
+        "sample.batch_size or on the stories beside it.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
 
 
@@ -291,7 +297,10 @@ _HASH_EXCLUDED_SECTIONS = {"orchestration", "eval"}
 # Keys added after runs existed, left out of every hash while they hold the value that all
 # earlier runs implicitly had: adding a key never renames a run folder nor recomputes a stage,
 # and choosing another value does. Stage key functions use `without_neutral` for the same rule.
-HASH_NEUTRAL: dict[tuple[str, str], Any] = {("model", "implementation"): "transformers"}
+HASH_NEUTRAL: dict[tuple[str, str], Any] = {
+    ("model", "implementation"): "transformers",
+    ("sample", "rng"): "shard",
+}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -43,14 +43,27 @@ def _warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorLis
     return warpers
 
 
-def draw_tokens(probs: torch.Tensor) -> torch.Tensor:
-    """One token per row of `probs` [batch, vocab], drawn from the torch RNG by inverse CDF.
+def draw_tokens(probs: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of `probs` [batch, vocab], drawn by inverse CDF.
 
     The CDF is accumulated in float64 so that even tokens of probability ~1e-9 keep their mass.
+
+    Args:
+        probs: rows of (unnormalised) probabilities.
+        u: float64 uniforms in [0, 1), one per row; default: drawn from the torch RNG.
     """
     cdf = probs.double().cumsum(dim=-1)
-    u = torch.rand((probs.shape[0], 1), dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+    if u is None:
+        u = torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device)
+    target = u.to(cdf.device)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
+def story_uniforms(key: int, stories: torch.Tensor, step: int) -> torch.Tensor:
+    """The uniforms of `stories` (global indices) for their token number `step` (0-based)."""
+    from collapse.counter_rng import uniforms
+
+    return uniforms(key, stories, torch.full_like(stories, step))
 
 
 @torch.inference_mode()
@@ -66,12 +79,16 @@ def sample_batch(
     top_p: float = 1.0,
     device: torch.device | None = None,
     prefix: list[int] | None = None,
+    stories: tuple[int, torch.Tensor] | None = None,
 ) -> tuple[list[list[int]], list[bool]]:
-    """Draw `batch_size` sequences from BOS (+ `prefix`) using the current torch RNG.
+    """Draw `batch_size` sequences from BOS (+ `prefix`).
 
     Args:
         prefix: token ids every sequence of the batch continues (a story beginning); one
             shared prefix keeps the batch unpadded.
+        stories: (key, story indices [batch_size]): each row draws the counter-based uniforms
+            of its story (`story_uniforms`), so its tokens do not depend on the other rows;
+            default: the current torch RNG, shared by the batch.
 
     Returns:
         (new token ids of each sequence without BOS/prefix/EOS, whether it ended with EOS).
@@ -86,7 +103,9 @@ def sample_batch(
     steps: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
         scores = warpers(input_ids, last.float())
-        nxt = draw_tokens(torch.softmax(scores, dim=-1))
+        step = len(steps)
+        u = None if stories is None else story_uniforms(stories[0], stories[1], step)
+        nxt = draw_tokens(torch.softmax(scores, dim=-1), u)
         nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
         steps.append(nxt)
         finished |= nxt == eos_id
@@ -169,10 +188,12 @@ def sample_corpus(
             continue
         ids: list[list[int]] = []
         ended: list[bool] = []
+        first = index * cfg.shard_size  # global index of the shard's first story
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(derive_seed(seed, "shard", index))
             for start in range(0, size, cfg.batch_size):
                 n = min(cfg.batch_size, size - start)
+                rows = torch.arange(first + start, first + start + n)
                 seqs, fin = sample_batch(
                     model,
                     n,
@@ -183,6 +204,7 @@ def sample_corpus(
                     top_k=cfg.top_k,
                     top_p=cfg.top_p,
                     device=device,
+                    stories=(seed, rows) if cfg.rng == "story" else None,
                 )
                 ids += seqs
                 ended += fin

@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
+from scipy import stats
 
 from collapse.corpus.parquet import shard_name
 from collapse.sample import draw_tokens, sample_batch, sample_corpus, shard_sizes
@@ -62,6 +65,7 @@ def _cfg(**kw):
         temperature=1.0,
         top_k=0,
         top_p=1.0,
+        rng="shard",
     )
     return SimpleNamespace(**{**base, **kw})
 
@@ -118,3 +122,66 @@ def test_a_prefix_conditions_every_sequence_of_the_batch(tiny_model):
     tolerance = 5 * (probs * (1 - probs) / n).sqrt() + 1e-3
     assert torch.all((freq - probs).abs() <= tolerance)
     assert not torch.all((freq - unconditioned).abs() <= tolerance)  # the prefix mattered
+
+
+def test_with_per_story_randomness_a_story_does_not_depend_on_the_batch(tmp_path: Path, tiny_model):
+    cpu = torch.device("cpu")
+    shards = {}
+    for batch in (1, 3, 4, 10):
+        out = tmp_path / f"batch-{batch}"
+        cfg = _cfg(batch_size=batch, shard_size=10, rng="story", max_new_tokens=20)
+        sample_corpus(tiny_model, _Tok(), cfg, out, seed=1, progress_key="k", device=cpu)
+        shards[batch] = sha256_file(out / shard_name(0))
+    assert len(set(shards.values())) == 1, shards
+    # and stories are stories of their own: another seed, other stories
+    other = tmp_path / "other-seed"
+    cfg = _cfg(shard_size=10, rng="story", max_new_tokens=20)
+    sample_corpus(tiny_model, _Tok(), cfg, other, seed=2, progress_key="k", device=cpu)
+    assert sha256_file(other / shard_name(0)) != shards[1]
+
+
+def _pairs(seqs: list[list[int]]) -> np.ndarray:
+    """Each sample's first two new tokens, EOS (0) standing for 'ended'."""
+    return np.array([(s + [0, 0])[:2] for s in seqs])
+
+
+@pytest.mark.parametrize("rng", ["shard", "story"])
+def test_ours_and_generate_sample_the_same_distribution(tiny_model, rng: str):
+    """Two-sample chi-square test of homogeneity on the joint law of the first two tokens.
+
+    4000 samples each from ours and from transformers' `generate(do_sample=True, top_k=0,
+    top_p=1.0)`; a cell is (first token, second token mod 5): 250 cells of ~32 pooled samples
+    on this near-uniform random model; cells with a pooled count under 20 are merged into one,
+    so every expected count is large enough for the chi-square approximation. Under the null (same
+    distribution) p is uniform: the test fails with probability 1e-3 for a correct sampler
+    (seeds are fixed, so it is deterministic here), and a sampler that drops low-probability
+    tokens fails it (checked by hand: top_k=45, dropping the 5 least likely of 50 tokens, gives
+    p ~ 1e-19; top_k=5 gives p = 0). It has little power against temperature on this
+    near-uniform model (0.8 gave p = 0.54): temperature is transformers' own warper.
+    """
+    n = 4000
+    torch.manual_seed(11)
+    stories = (5, torch.arange(n)) if rng == "story" else None
+    ours = _pairs(sample_batch(tiny_model, n, 2, bos_id=0, eos_id=0, stories=stories)[0])
+    torch.manual_seed(12)
+    with torch.no_grad():
+        generated = tiny_model.generate(
+            torch.zeros(n, 1, dtype=torch.long),
+            attention_mask=torch.ones(n, 1, dtype=torch.long),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=2,
+            pad_token_id=0,
+            eos_token_id=0,
+        )
+    theirs = generated[:, 1:].numpy()
+    theirs = np.concatenate([theirs, np.zeros((n, 2 - theirs.shape[1]), dtype=theirs.dtype)], 1)
+    codes_ours, codes_theirs = (x[:, 0] * 5 + x[:, 1] % 5 for x in (ours, theirs))
+    cells = np.unique(np.concatenate([codes_ours, codes_theirs]))
+    a = np.array([(codes_ours == c).sum() for c in cells])
+    b = np.array([(codes_theirs == c).sum() for c in cells])
+    big = a + b >= 20
+    table = np.array([[*a[big], a[~big].sum()], [*b[big], b[~big].sum()]])
+    assert table.shape[1] > 100  # many cells: the test has power
+    assert stats.chi2_contingency(table).pvalue > 1e-3
