@@ -29,7 +29,13 @@ from collapse.device import pick_device
 from collapse.evals import REGISTRY, evaluation, write_result
 from collapse.models import gpt_neo_config, init_model, resolve_model_fields
 from collapse.seeding import derive_seed
-from collapse.store import atomic_dir, atomic_write_json, sha256_json
+from collapse.store import (
+    StorageFullError,
+    atomic_dir,
+    atomic_write_json,
+    sha256_json,
+    storage_full,
+)
 
 # Bump a stage's version when a code change alters its output; only that stage and what depends
 # on it are then recomputed (the git SHA is deliberately not part of any key). Evaluations carry
@@ -120,7 +126,26 @@ def invalidate_from(ctx: Context, gen: int) -> None:
 
 
 def run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
-    """Run one stage unless a valid record exists; returns the record (info has the results)."""
+    """Run one stage unless a valid record exists; returns the record (info has the results).
+
+    Raises:
+        StorageFullError: the disk filled up; the error names this generation and stage.
+    """
+    try:
+        return _run_stage(ctx, gen, stage)
+    except OSError as exc:  # a write outside the atomic helpers, e.g. an appended log
+        full = storage_full(exc, Path(exc.filename or ctx.store.run_dir), errno_only=True)
+        if full is None:
+            raise
+        full.stage = f"generation {gen}, stage {stage}"
+        raise full from exc
+    except StorageFullError as exc:
+        # The failed write knows its filesystem; only here is it known which stage it served.
+        exc.stage = f"generation {gen}, stage {stage}"
+        raise
+
+
+def _run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
     key = stage_key(ctx, gen, stage)
     record = ctx.store.valid_record(gen, stage, key)
     if record is not None:
