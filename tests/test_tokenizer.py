@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from collapse.tokenizer import build_tokenizer, gpt2_tokenizer, load_tokenizer
+from collapse.tokenizer import TokenizerError, build_tokenizer, gpt2_tokenizer, load_tokenizer
 
 
 def test_gpt2_is_the_real_gpt2_bpe():
@@ -43,3 +43,19 @@ def test_trained_bpe_is_deterministic_and_round_trips(tmp_path: Path):
 def test_bpe_without_texts_is_an_error():
     with pytest.raises(ValueError, match="training texts"):
         build_tokenizer("bpe", None)
+
+
+def test_a_hub_tokenizer_that_cannot_be_loaded_names_tokenizer_name(tmp_path: Path):
+    # a folder without tokenizer files (ValueError inside transformers) and a name that is no
+    # valid repo id (OSError): both are what an unreachable hub with nothing cached looks like
+    for name in (str(tmp_path), "/no/such/tokenizer"):
+        with pytest.raises(TokenizerError, match=f"^tokenizer.name: cannot load 'hub:{name}'"):
+            build_tokenizer(f"hub:{name}")
+
+
+def test_a_hub_tokenizer_without_eos_names_tokenizer_name(tmp_path: Path):
+    tok = build_tokenizer("bpe", ["a tiny corpus"] * 4, vocab_size=280)
+    tok.eos_token = tok.bos_token = tok.pad_token = tok.unk_token = None
+    tok.save_pretrained(str(tmp_path))
+    with pytest.raises(TokenizerError, match="^tokenizer.name: .* has no EOS token"):
+        build_tokenizer(f"hub:{tmp_path}")
