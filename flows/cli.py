@@ -80,13 +80,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from collapse.pipeline import table_columns
     from collapse.store import RunLockedError, StorageFullError
     from collapse.table import text_table
+    from collapse.tokenizer import TokenizerError
     from flows.experiment import experiment
 
     run_dir = Path(config.run.artifact_root) / run_id
     print(f"run {run_id}: {run_dir}  (Prefect: {api_url or 'ephemeral server'})")
     started = time.perf_counter()
     user_errors = (ConfigError, CorpusSourceError, RunLockedError, JudgeStopped, PromptsUnavailable)
-    user_errors += (StorageFullError,)
+    user_errors += (StorageFullError, TokenizerError)
     console = _console_filter(user_errors)
     try:
         result = experiment(config_to_dict(config), run_id, args.from_generation)

@@ -1,9 +1,9 @@
 """Mistakes and conditions the user must fix stop a run with one line and exit code 2.
 
-A full disk (as torch reports it: no errno): the store raises StorageFullError naming the
-filesystem, the pipeline adds which generation and stage it was in, and `collapse run` prints it
-without a traceback. The CLI tests are real `collapse run` subprocesses over a tiny config, as in
-test_e2e.py.
+A full disk (as torch reports it: no errno), an unreadable corpus file, an unusable tokenizer:
+the library raises a user-error type naming what to fix, the pipeline adds which generation and
+stage it was in, and `collapse run` prints it without a traceback. The CLI tests are real
+`collapse run` subprocesses over a tiny config, as in test_e2e.py.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collapse.config import Config
 from collapse.context import Context
 from collapse.pipeline import run_stage, stage_key
 from collapse.store import RunStore, StorageFullError
+from collapse.tokenizer import train_bpe_tokenizer
 
 from .conftest import REPO, TORCH_FULL_DISK, report_no_free_space, tiny_config_dict
 
@@ -173,3 +174,31 @@ def test_a_full_disk_stops_the_run_with_one_line_and_a_rerun_resumes(
     assert "generation 0: reused" in again.stdout
     assert "generation 1: computed" in again.stdout
 
+
+def _tokenizer_without_eos(path: Path) -> Path:
+    tok = train_bpe_tokenizer(["a tiny corpus"] * 4, vocab_size=280)
+    tok.eos_token = tok.bos_token = tok.pad_token = tok.unk_token = None
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mistake", ["malformed jsonl corpus", "hub tokenizer without EOS"])
+def test_an_unusable_corpus_or_tokenizer_is_one_line_and_exit_2(
+    tmp_path: Path, story_file: Path, home: Path, mistake: str
+):
+    data = _small(story_file, tmp_path / "artifacts")
+    if mistake == "malformed jsonl corpus":
+        corpus = tmp_path / "stories.jsonl"
+        corpus.write_text('{"text": "Once upon a time."}\n{"text": \n')
+        data["corpus"]["path"] = str(corpus)
+        key, said = "corpus.path", "JSON parse error"
+    else:
+        folder = _tokenizer_without_eos(tmp_path / "no-eos")
+        data["tokenizer"] = {"name": f"hub:{folder}"}
+        key, said = "tokenizer.name", "has no EOS token"
+    proc = _collapse(home, "run", str(_write_config(tmp_path, data)))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    message = _last_line(proc.stderr)
+    assert message.startswith(f"collapse: error: {key}: ") and said in message
