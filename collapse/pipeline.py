@@ -19,7 +19,7 @@ from collapse.config import config_to_dict
 from collapse.context import Context
 from collapse.evals import Column, Evaluation, evaluation, registry
 from collapse.stages import CHAIN, ChainStage, chain_stage
-from collapse.store import atomic_write_json, sha256_json
+from collapse.store import StorageFullError, atomic_write_json, sha256_json, storage_full
 
 
 def stage_entry(stage: str) -> ChainStage | Evaluation:
@@ -97,7 +97,26 @@ def invalidate_from(ctx: Context, gen: int) -> None:
 
 
 def run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
-    """Run one stage unless a valid record exists; returns the record (info has the results)."""
+    """Run one stage unless a valid record exists; returns the record (info has the results).
+
+    Raises:
+        StorageFullError: the disk filled up; the error names this generation and stage.
+    """
+    try:
+        return _run_stage(ctx, gen, stage)
+    except OSError as exc:  # a write outside the atomic helpers, e.g. an appended log
+        full = storage_full(exc, Path(exc.filename or ctx.store.run_dir), errno_only=True)
+        if full is None:
+            raise
+        full.stage = f"generation {gen}, stage {stage}"
+        raise full from exc
+    except StorageFullError as exc:
+        # The failed write knows its filesystem; only here is it known which stage it served.
+        exc.stage = f"generation {gen}, stage {stage}"
+        raise
+
+
+def _run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
     key = stage_key(ctx, gen, stage)
     record = ctx.store.valid_record(gen, stage, key)
     if record is not None:

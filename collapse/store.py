@@ -9,6 +9,7 @@ they describe, so a killed process never leaves a file that passes for finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -47,20 +48,136 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Below this much free space a failed write is taken for a full disk: torch's zip writer and
+# pyarrow report ENOSPC as their own errors (e.g. "enforce fail at inline_container.cc"), so the
+# errno is lost, but the partly written temporary file still fills the disk when we look.
+FULL_BELOW_BYTES = 1 << 20
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _existing(path: Path) -> Path:
+    """`path` or its nearest existing parent (a failed write may leave no file behind)."""
+    current = Path(os.path.abspath(path))
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    return current
+
+
+def _mount_point(path: Path) -> Path:
+    """The mount point of the filesystem holding `path`."""
+    current = _existing(path)
+    while not os.path.ismount(current) and current != current.parent:
+        current = current.parent
+    return current
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on `path`'s filesystem, None if unknown."""
+    try:
+        stat = os.statvfs(_existing(path))
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _format_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
+
+
+class StorageFullError(Exception):
+    """A write failed because the filesystem (or the user's quota on it) is full.
+
+    Nothing half-written is left behind (writes are atomic), so finished work stays valid and a
+    rerun resumes once there is space again. `stage` is filled in by the pipeline, which knows
+    which generation and stage the write served.
+    """
+
+    def __init__(self, path: str | Path, free_bytes: int | None = None, stage: str | None = None):
+        # All constructor arguments go to `args`, so the exception pickles (e.g. from a worker).
+        super().__init__(str(path), free_bytes, stage)
+        self.path = Path(path)
+        self.free_bytes = free_bytes
+        self.stage = stage
+        self.mount = _mount_point(self.path)
+
+    def __str__(self) -> str:
+        free = "" if self.free_bytes is None else f" ({_format_bytes(self.free_bytes)} free)"
+        during = f" in {self.stage}" if self.stage else ""
+        return (
+            f"storage full: the filesystem mounted at {self.mount}{free} has no room for "
+            f"{self.path}{during}. Finished work is kept: free some space and run the same "
+            "command again to resume."
+        )
+
+    def __repr__(self) -> str:
+        # Prefect logs failures with repr(): make that the same readable sentence.
+        return f"{type(self).__name__}({str(self)!r})"
+
+
+def _errno_full(exc: BaseException) -> bool:
+    """Whether `exc` or an exception it was raised from or during is ENOSPC/EDQUOT."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _FULL_ERRNOS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def storage_full(
+    exc: BaseException, path: Path, *, errno_only: bool = False
+) -> StorageFullError | None:
+    """A `StorageFullError` for `path` if `exc` means its filesystem is full, else None.
+
+    Call it before removing any partial output: that output may be what fills the disk, and
+    once it is gone free space looks normal again.
+
+    Args:
+        exc: the exception a write of `path` raised.
+        path: the file or folder being written.
+        errno_only: trust only ENOSPC/EDQUOT, not low free space (for errors that may not
+            come from a write at all).
+    """
+    if isinstance(exc, StorageFullError):
+        return exc
+    free = _free_bytes(path)
+    low = not errno_only and free is not None and free < FULL_BELOW_BYTES
+    if low or _errno_full(exc):
+        return StorageFullError(path, free)
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync it and rename it onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Yield a temporary path beside `path`; on success fsync it and rename it onto `path`.
+
+    Raises:
+        StorageFullError: the write failed and the filesystem is full (see `storage_full`).
+    """
     # Not mkstemp: its files are 0600, and artifacts on shared storage must be readable by the
     # team (0666 minus the umask, as for any new file).
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as exc:
+        # Here, not after `finally`: the partial temporary file must still be on disk.
+        full = storage_full(exc, path)
+        if full is None or full is exc:
+            raise
+        raise full from exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -78,11 +195,15 @@ def atomic_write_json(path: Path, value: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success replace `path` with it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Yield a temporary directory beside `path`; on success replace `path` with it.
+
+    Raises:
+        StorageFullError: the write failed and the filesystem is full (see `storage_full`).
+    """
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir(mode=0o777)  # minus the umask (mkdtemp would make it 0700)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(mode=0o777)  # minus the umask (mkdtemp would make it 0700)
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
@@ -97,6 +218,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as exc:
+        # Here, not after `finally`: the partial temporary folder must still be on disk.
+        full = storage_full(exc, path)
+        if full is None or full is exc:
+            raise
+        raise full from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

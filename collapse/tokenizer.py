@@ -69,11 +69,33 @@ def train_bpe_tokenizer(
     return _wrap(tok)
 
 
+class TokenizerError(ValueError):
+    """The configured tokenizer cannot be built; the message names `tokenizer.name` and the fix."""
+
+
 def hub_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """A tokenizer from the Hugging Face hub (or its local cache)."""
-    tok = AutoTokenizer.from_pretrained(name)
+    """A tokenizer from the Hugging Face hub (or its local cache, or a local folder).
+
+    Raises:
+        TokenizerError: it cannot be loaded, or it has no EOS token.
+    """
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:  # unreachable hub, nothing cached, unknown or bad name
+        reason = " ".join(str(exc).split())  # one line for the CLI
+        if len(reason) > 300:
+            reason = reason[:297] + "..."
+        raise TokenizerError(
+            f"tokenizer.name: cannot load 'hub:{name}' from the Hugging Face hub or its cache "
+            f"({type(exc).__name__}: {reason}); check the name and the network (or "
+            "HF_HUB_OFFLINE with a cached copy), or use tokenizer.name: gpt2 | bpe"
+        ) from exc
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer.name: hub tokenizer {name!r} has no EOS token")
+        # Documents are packed and sampled with EOS as their boundary: no EOS, no corpus.
+        raise TokenizerError(
+            f"tokenizer.name: hub tokenizer {name!r} has no EOS token; choose a tokenizer "
+            "that defines one, or use tokenizer.name: gpt2 | bpe"
+        )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

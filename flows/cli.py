@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,6 +30,37 @@ EXIT_USAGE = 2
 def _fail(message: str) -> int:
     print(f"collapse: error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+class _ConsoleFilter(logging.Filter):
+    """Keeps the CLI's one-line message the end of a run stopped by a user error.
+
+    Prefect logs such an error with its traceback once per task and flow run; on the console
+    those records are dropped (the API handler, which the UI reads, sees them first, and the
+    "Finished in state Failed(...)" lines still say where it failed). Once `stopped` is set,
+    routine INFO lines (the temporary server's goodbye) are dropped too.
+    """
+
+    def __init__(self, types: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.types = types
+        self.stopped = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.stopped and record.levelno < logging.WARNING:
+            return False
+        return not (record.exc_info and isinstance(record.exc_info[1], self.types))
+
+
+def _console_filter(types: tuple[type[BaseException], ...]) -> _ConsoleFilter:
+    """Install a `_ConsoleFilter` on the console handlers Prefect configured."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    console = _ConsoleFilter(types)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(console)
+    return console
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -64,17 +96,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from collapse.judge.client import JudgeStopped
     from collapse.judge.prompts import PromptsUnavailable
     from collapse.pipeline import table_columns
-    from collapse.store import RunLockedError
+    from collapse.store import RunLockedError, StorageFullError
     from collapse.table import text_table
+    from collapse.tokenizer import TokenizerError
     from flows.experiment import experiment
 
     run_dir = Path(config.run.artifact_root) / run_id
     print(f"run {run_id}: {run_dir}  (Prefect: {api_url or 'ephemeral server'})")
     started = time.perf_counter()
     user_errors = (ConfigError, CorpusSourceError, RunLockedError, JudgeStopped, PromptsUnavailable)
+    user_errors += (StorageFullError, TokenizerError)
+    console = _console_filter(user_errors)
     try:
         result = experiment(config_to_dict(config), run_id, args.from_generation)
     except user_errors as exc:
+        console.stopped = True
         return _fail(str(exc))
     seconds = time.perf_counter() - started
     print()

@@ -82,6 +82,33 @@ def tiny_model():
     return build_model(model_cfg, vocab_size=50, start_id=0, end_id=0, seed=3).eval()
 
 
+# What torch.save's zip writer raises on a full disk: no errno, no "No space left on device".
+TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 763328 vs 763216"
+
+
+def report_no_free_space(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[bool]:
+    """Make os.statvfs report 0 free bytes for paths under `root` (a full disk, as it looks
+    while a failed write's partial file still fills it).
+
+    Returns:
+        One entry per statvfs call under `root`: whether a `*.tmp` file was on disk then.
+    """
+    real = os.statvfs
+    saw_tmp: list[bool] = []
+
+    def statvfs(path: str | os.PathLike) -> os.statvfs_result:
+        st = real(path)
+        if not Path(path).resolve().is_relative_to(root.resolve()):
+            return st
+        saw_tmp.append(any(p.name.endswith(".tmp") for p in root.rglob("*")))
+        fields = list(st)
+        fields[3] = fields[4] = 0  # f_bfree, f_bavail
+        return os.statvfs_result(fields)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    return saw_tmp
+
+
 def run_all(ctx: Context) -> dict[tuple[int, str], dict]:
     """Every stage of every generation through the library (no Prefect), in order."""
     records = {}

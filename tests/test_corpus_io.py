@@ -91,3 +91,37 @@ def test_a_distinct_start_token_opens_every_document(tmp_path: Path):
     write_shard(tmp_path / shard_name(1), [[8]], [""], [True])
     stream = packed_stream(shard_paths(tmp_path), end_id=2, start_id=1)
     assert stream.tolist() == [1, 5, 6, 2, 1, 2, 1, 7, 2, 1, 8, 2]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "said"),
+    [
+        ("c.jsonl", b'{"text": "a story"}\n{"text": \n', "JSON parse error"),
+        ("c.parquet", b"not a parquet file", "Parquet magic bytes not found"),
+        ("c.txt", b"\xff\xfe not utf-8\n\nmore\n", "UnicodeDecodeError"),
+        ("c.jsonl", b"", "is empty"),
+        ("c.parquet", b"", "is empty"),
+    ],
+)
+def test_an_unreadable_local_corpus_names_corpus_path(
+    tmp_path: Path, name: str, content: bytes, said: str
+):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CorpusSourceError, match="^corpus.path: ") as info:
+        load_documents(_cfg(source="local", path=str(path)), 1)
+    assert said in str(info.value) and str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_missing_local_corpus_is_reported_when_it_is_read(tmp_path: Path):
+    # config validation may accept it (a saved run whose corpus has moved must still load);
+    # the corpus stage is where it has to exist
+    (tmp_path / "stories.txt").write_text("A story.\n\nAnother story.\n")
+    cfg = _cfg(source="local", path=str(tmp_path / "stories.txt"))
+    (tmp_path / "stories.txt").unlink()
+    with pytest.raises(CorpusSourceError, match="^corpus.path: .*stories.txt' does not exist"):
+        load_documents(cfg, 1)
+    (tmp_path / "stories.txt").mkdir()
+    with pytest.raises(CorpusSourceError, match="^corpus.path: .* is not a file"):
+        load_documents(cfg, 1)

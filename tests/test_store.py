@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import pickle
 from pathlib import Path
 
 import pytest
 
-from collapse.store import RunLockedError, RunStore, atomic_path, atomic_write_bytes, sha256_file
+from collapse.store import (
+    RunLockedError,
+    RunStore,
+    StorageFullError,
+    atomic_dir,
+    atomic_path,
+    atomic_write_bytes,
+    sha256_file,
+)
+
+from .conftest import TORCH_FULL_DISK, report_no_free_space
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path: Path):
@@ -60,3 +73,53 @@ def test_a_run_can_be_held_by_one_process_only(tmp_path: Path):
         RunStore(tmp_path, "run").lock(),
     ):
         pass
+
+
+def test_a_write_failing_on_a_full_disk_is_a_storage_full_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    target = tmp_path / "gen-001" / "train-state" / "checkpoint.pt"
+    atomic_write_bytes(target, b"old")
+    saw_tmp = report_no_free_space(monkeypatch, tmp_path)
+    with pytest.raises(StorageFullError) as info, atomic_path(target) as tmp:
+        tmp.write_bytes(b"PK\x03\x04 partial")  # the zip writer gets this far, then fails
+        raise RuntimeError(TORCH_FULL_DISK)
+    err = info.value
+    assert err.path == target and err.free_bytes == 0
+    mount = tmp_path.resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    assert err.mount == mount
+    assert isinstance(err.__cause__, RuntimeError)
+    # free space was looked at while the partial file still filled the disk
+    assert saw_tmp and all(saw_tmp)
+    assert target.read_bytes() == b"old"
+    assert not list(tmp_path.rglob("*.tmp"))
+    text = str(err)
+    assert f"filesystem mounted at {err.mount}" in text and str(target) in text
+    assert "run the same command again to resume" in text and "\n" not in text
+
+
+def test_enospc_is_storage_full_even_with_free_space_left(tmp_path: Path):
+    # e.g. a quota (EDQUOT) or a full inode table: statvfs shows blocks free, the errno says no
+    with pytest.raises(StorageFullError) as info, atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "weights").write_bytes(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "weights"))
+    assert info.value.path == tmp_path / "model"
+    assert not (tmp_path / "model").exists() and not list(tmp_path.iterdir())
+
+
+def test_other_failures_with_free_space_stay_what_they_are(tmp_path: Path):
+    with pytest.raises(RuntimeError, match="enforce fail"), atomic_path(tmp_path / "f") as tmp:
+        tmp.write_bytes(b"x")
+        raise RuntimeError(TORCH_FULL_DISK)
+    with pytest.raises(PermissionError), atomic_dir(tmp_path / "d"):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+
+def test_storage_full_error_survives_pickling_with_its_stage(tmp_path: Path):
+    err = StorageFullError(tmp_path / "f", 512)
+    err.stage = "generation 1, stage train"
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is StorageFullError and str(again) == str(err)
+    assert "512 bytes free" in str(again) and "in generation 1, stage train" in str(again)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from collapse.tokenizer import build_tokenizer, gpt2_tokenizer, load_tokenizer
+from collapse.tokenizer import TokenizerError, build_tokenizer, gpt2_tokenizer, load_tokenizer
 
 
 def test_gpt2_is_the_real_gpt2_bpe():
@@ -99,3 +99,19 @@ def test_a_tokenizer_with_its_own_bos_starts_documents_with_it_everywhere(tmp_pa
     key = stage_key(ctx, 1, "train")
     data["tokenizer"] = {"name": "bpe", "vocab_size": 300}
     assert key != stage_key(Context(Config.model_validate(data), ctx.store), 1, "train")
+
+
+def test_a_hub_tokenizer_that_cannot_be_loaded_names_tokenizer_name(tmp_path: Path):
+    # a folder without tokenizer files (ValueError inside transformers) and a name that is no
+    # valid repo id (OSError): both are what an unreachable hub with nothing cached looks like
+    for name in (str(tmp_path), "/no/such/tokenizer"):
+        with pytest.raises(TokenizerError, match=f"^tokenizer.name: cannot load 'hub:{name}'"):
+            build_tokenizer(f"hub:{name}")
+
+
+def test_a_hub_tokenizer_without_eos_names_tokenizer_name(tmp_path: Path):
+    tok = build_tokenizer("bpe", ["a tiny corpus"] * 4, vocab_size=280)
+    tok.eos_token = tok.bos_token = tok.pad_token = tok.unk_token = None
+    tok.save_pretrained(str(tmp_path))
+    with pytest.raises(TokenizerError, match="^tokenizer.name: .* has no EOS token"):
+        build_tokenizer(f"hub:{tmp_path}")

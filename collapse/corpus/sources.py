@@ -14,10 +14,30 @@ from datasets import Dataset, load_dataset
 from collapse.seeding import derive_seed
 
 _LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_FORMAT_HINTS = {
+    "text": "a .txt corpus must be UTF-8 text (corpus.txt_mode: blocks | lines)",
+    "json": "a .jsonl corpus needs one JSON object per line, with the text under "
+    "corpus.text_column",
+    "parquet": "a .parquet corpus must be a Parquet file with a string column corpus.text_column",
+}
 
 
 class CorpusSourceError(ValueError):
     """The configured corpus cannot be read; the message says what to fix."""
+
+
+def _reason(exc: BaseException) -> str:
+    """`Type: message` of the root cause of `exc`, on one line.
+
+    `datasets` wraps parse errors in a DatasetGenerationError whose own message says only that
+    "an error occurred"; what went wrong is in its cause.
+    """
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _hub(cfg: Any) -> tuple[Dataset, Dataset | None]:
@@ -31,7 +51,7 @@ def _hub(cfg: Any) -> tuple[Dataset, Dataset | None]:
     except Exception as exc:  # the hub raises many types; all mean "cannot load"
         raise CorpusSourceError(
             f"corpus.dataset: cannot load {cfg.dataset!r} from the Hugging Face hub "
-            f"({type(exc).__name__}: {exc}); check the id and network, or use "
+            f"({_reason(exc)}); check the id and network, or use "
             "corpus.source: synthetic | local"
         ) from None
     return train, val
@@ -44,10 +64,28 @@ def _local(cfg: Any) -> Dataset:
         raise CorpusSourceError(
             f"corpus.path: unsupported file type {path.suffix!r}; use .txt, .jsonl or .parquet"
         )
+    # Checked here, when the corpus is read, not when the config is loaded: a finished run
+    # whose corpus file has since moved must still load.
+    if not path.exists():
+        where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise CorpusSourceError(
+            f"corpus.path: {str(path)!r} does not exist{where}; set corpus.path to the "
+            "corpus file (.txt, .jsonl or .parquet)"
+        )
+    if not path.is_file():
+        raise CorpusSourceError(f"corpus.path: {str(path)!r} is not a file")
+    if path.stat().st_size == 0:  # `datasets` fails on an empty .jsonl with a bare StopIteration
+        raise CorpusSourceError(f"corpus.path: {str(path)!r} is empty")
     kwargs: dict[str, Any] = {}
     if builder == "text":
         kwargs["sample_by"] = "paragraph" if cfg.txt_mode == "blocks" else "line"
-    return load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    try:
+        return load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:  # pyarrow, datasets and the OS raise many types; all mean "unreadable"
+        raise CorpusSourceError(
+            f"corpus.path: cannot read {str(path)!r} as {path.suffix} ({_reason(exc)}); "
+            f"{_FORMAT_HINTS[builder]}"
+        ) from exc
 
 
 def _synthetic(cfg: Any, seed: int) -> Dataset:
