@@ -125,3 +125,12 @@ def test_a_missing_local_corpus_is_reported_when_it_is_read(tmp_path: Path):
     (tmp_path / "stories.txt").mkdir()
     with pytest.raises(CorpusSourceError, match="^corpus.path: .* is not a file"):
         load_documents(cfg, 1)
+
+
+def test_loading_a_corpus_prints_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]):
+    # Prefect's log_prints turns every print of a task into a log line: `datasets` printed the
+    # bytecode of a filter lambda while fingerprinting it (15 lines in every corpus stage).
+    path = tmp_path / "stories.txt"
+    path.write_text("A story.\n\nAnother story.\n\nA third one.\n")
+    load_documents(_cfg(source="local", path=str(path)), 1)
+    assert "LOAD_" not in capfd.readouterr().out

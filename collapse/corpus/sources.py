@@ -100,7 +100,13 @@ def _non_empty(ds: Dataset, column: str, source: str) -> Dataset:
             f"corpus.text_column: {source} has no column {column!r} "
             f"(columns: {', '.join(ds.column_names)})"
         )
-    return ds.filter(lambda t: isinstance(t, str) and bool(t.strip()), input_columns=column)
+    # A module-level function, not a lambda: `datasets` fingerprints a lambda by its bytecode,
+    # which it prints (and Prefect's log_prints then logs line by line).
+    return ds.filter(_is_text, input_columns=column)
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())
 
 
 def _texts(ds: Dataset, column: str) -> list[str]:
