@@ -13,6 +13,7 @@ neighbour hurts both alike. Prints tokens/s and the ratio. On CUDA the step runs
 autocast `train.precision: auto` picks (bf16 where supported).
 
     python bench/throughput.py
+    python bench/throughput.py --threads 1 --repeats 15   # steadier on a shared CPU
     python bench/throughput.py --device cuda --repeats 10
 """
 
@@ -130,7 +131,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     print(
         f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
