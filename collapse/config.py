@@ -57,7 +57,8 @@ class ModelConfig(Section):
     )
     implementation: Literal[tuple(IMPLEMENTATIONS)] = Field(  # type: ignore[valid-type]
         "transformers",
-        description="Code that computes the architecture: transformers (the reference).",
+        description="Code that computes the architecture: transformers (the reference) or fast "
+        "(plain PyTorch: SDPA attention, preallocated KV cache; same weights and checkpoints).",
     )
     num_layers: PositiveInt | None = Field(None, description="Transformer blocks.")
     hidden_size: PositiveInt | None = Field(None, description="Width of the residual stream.")

@@ -48,7 +48,10 @@ ARCHITECTURE_FIELDS = (*REQUIRED, *DEFAULTS)
 
 # Implementations of the architecture (collapse.models.<module>); `model.implementation` picks
 # one. They compute the same function and read and write the same checkpoint format.
-IMPLEMENTATIONS: dict[str, str] = {"transformers": "collapse.models.gpt_neo_hf"}
+IMPLEMENTATIONS: dict[str, str] = {
+    "transformers": "collapse.models.gpt_neo_hf",
+    "fast": "collapse.models.gpt_neo_fast",
+}
 
 
 def resolve_model_fields(model_cfg: Any) -> dict[str, Any]:

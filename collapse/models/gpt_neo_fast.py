@@ -1,0 +1,468 @@
+"""`model.implementation: fast`: GPT-Neo in plain PyTorch, the same function and checkpoints.
+
+The module has the parameter names and shapes of `transformers.GPTNeoForCausalLM`, so state
+dicts move both ways and a saved folder is an ordinary transformers checkpoint. What differs is
+how it computes:
+
+- Attention is `scaled_dot_product_attention(..., scale=1.0)` (GPT-Neo does not scale by
+  1/sqrt(head_dim)) instead of the reference's eager matmul-softmax-matmul. Global layers are
+  causal; local layers let position i see positions i-window+1 .. i (the token itself and the
+  window-1 before it), the reference's mask `tril(1) xor tril(1, -window)`. Where a sequence is no
+  longer than the window the local mask equals the causal one and the fused causal path is used.
+- Precision: in fp32 the reference upcasts q and k to fp32, a no-op, and we compute the same
+  fp32 attention. Under bf16/fp16 autocast the reference's upcast is undone by autocast itself:
+  its q.k matmul runs in the low dtype, so the unscaled scores are rounded to bf16 before the
+  softmax (which autocast runs in fp32 on CUDA, in bf16 on the CPU). SDPA also takes
+  low-precision q, k, v under autocast, but its fused kernels (flash, memory-efficient, the CPU
+  flash kernel) keep the scores and the softmax in fp32 inside the kernel, so ours is at least as
+  precise as the reference there; outputs are in the low dtype in both.
+- Decoding keeps a preallocated KV cache (`DecodeState`): a full-length cache for global layers
+  and a ring buffer of `window` slots for local layers, with a position counter per row so that
+  rows can be restarted independently (continuous batching).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import GenerationConfig, GPTNeoConfig
+
+from collapse.models.gpt_neo_hf import gpt_neo_config, init_model
+
+# Buffers older transformers versions wrote into GPT-Neo checkpoints; they are masks, not weights.
+_STALE_BUFFERS = (".attn.attention.bias", ".attn.attention.masked_bias")
+
+
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name == "gelu_new":
+        # transformers' NewGELUActivation is this tanh approximation written out in five ops;
+        # the fused kernel is the same formula (differences at float rounding level).
+        return lambda x: F.gelu(x, approximate="tanh")
+    from transformers.activations import ACT2FN  # any other activation the config names
+
+    return ACT2FN[name]
+
+
+class _SelfAttention(nn.Module):
+    """One attention layer: `attn.attention` of a reference block, same parameters."""
+
+    def __init__(self, config: GPTNeoConfig, local: bool):
+        super().__init__()
+        width = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = width // config.num_heads
+        self.local = local
+        self.q_proj = nn.Linear(width, width, bias=False)
+        self.k_proj = nn.Linear(width, width, bias=False)
+        self.v_proj = nn.Linear(width, width, bias=False)
+        self.out_proj = nn.Linear(width, width, bias=True)
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, length, _ = x.shape
+        shape = (batch, length, self.num_heads, self.head_dim)
+        q, k, v = (
+            p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        return q, k, v
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        batch, _, length, _ = y.shape
+        return self.out_proj(y.transpose(1, 2).reshape(batch, length, -1))
+
+    def forward(
+        self, x: torch.Tensor, local_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Full-sequence attention; also returns k and v [batch, heads, seq, head_dim]."""
+        q, k, v = self._heads(x)
+        mask = local_mask if self.local else None
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=1.0
+        )
+        return self._merge(y), k, v
+
+    def step(
+        self,
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        read: int,
+        visible: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per row: write its k/v at `slots`, attend over the first `read` slots."""
+        q, k, v = self._heads(x)
+        keys[rows, :, slots] = k[:, :, 0].to(keys.dtype)
+        values[rows, :, slots] = v[:, :, 0].to(values.dtype)
+        y = F.scaled_dot_product_attention(
+            q, keys[:, :, :read], values[:, :, :read], attn_mask=visible, scale=1.0
+        )
+        return self._merge(y)
+
+
+class _MLP(nn.Module):
+    def __init__(self, config: GPTNeoConfig):
+        super().__init__()
+        inner = config.intermediate_size or 4 * config.hidden_size
+        self.c_fc = nn.Linear(config.hidden_size, inner)
+        self.c_proj = nn.Linear(inner, config.hidden_size)
+        self.act = _activation(config.activation_function)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class _Block(nn.Module):
+    def __init__(self, config: GPTNeoConfig, local: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        # `attn.attention.*`: the reference nests the layer one module deeper.
+        self.attn = nn.ModuleDict({"attention": _SelfAttention(config, local)})
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = _MLP(config)
+
+
+class GPTNeoFast(nn.Module):
+    """GPT-Neo causal LM with the reference's parameter names; `model(ids)` gives logits."""
+
+    def __init__(self, config: GPTNeoConfig):
+        super().__init__()
+        if not config.tie_word_embeddings:
+            raise ValueError("the fast GPT-Neo supports tied input and output embeddings only")
+        self.config = config
+        width = config.hidden_size
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.vocab_size, width),
+                "wpe": nn.Embedding(config.max_position_embeddings, width),
+                "h": nn.ModuleList(
+                    _Block(config, kind == "local") for kind in config.attention_layers
+                ),
+                "ln_f": nn.LayerNorm(width, eps=config.layer_norm_epsilon),
+            }
+        )
+        self.lm_head = nn.Linear(width, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make the output head the input embedding (one parameter, as in the reference)."""
+        self.lm_head.weight = self.transformer.wte.weight
+
+    @property
+    def window(self) -> int:
+        """Positions a local layer sees: the current one and `window - 1` before it."""
+        return int(self.config.window_size)
+
+    def _local_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
+        if length <= self.window:
+            return None  # the window covers everything before: plain causal attention
+        i = torch.arange(length, device=device)
+        offset = i[:, None] - i[None, :]
+        return (offset >= 0) & (offset < self.window)
+
+    def hidden(
+        self, input_ids: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> torch.Tensor:
+        """Final hidden states [batch, seq, hidden] of unpadded rows at positions 0..seq-1.
+
+        Args:
+            input_ids: [batch, seq] token ids.
+            kv: if given, each layer's keys and values [batch, heads, seq, head_dim] are
+                appended to it (prefill fills the cache from them).
+        """
+        length = input_ids.shape[1]
+        positions = torch.arange(length, device=input_ids.device)
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
+        local_mask = self._local_mask(length, input_ids.device)
+        for block in self.transformer.h:
+            y, k, v = block.attn.attention(block.ln_1(x), local_mask)
+            if kv is not None:
+                kv.append((k, v))
+            x = x + y
+            x = x + block.mlp(block.ln_2(x))
+        return self.transformer.ln_f(x)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [batch, seq, vocab] of every position."""
+        return self.lm_head(self.hidden(input_ids))
+
+
+@dataclass
+class DecodeState:
+    """The KV cache of a batch being decoded, one independent sequence per row (slot).
+
+    `keys[i]`/`values[i]` are layer i's cache [batch, heads, slots, head_dim]: `capacity` slots
+    for a global layer (position p lives in slot p), `min(window, capacity)` for a local one, a
+    ring buffer (position p lives in slot p % window, so the slots hold exactly the window).
+    `positions[r]` is the position of the next token row r reads (= tokens it has read). A slot
+    is read only while it holds a position <= the reading row's, so stale entries left by a
+    row's earlier sequence are never seen. The tensors are updated in place by `decode`.
+
+    For continuous batching: `reset(rows)` starts those rows over (their next token, typically
+    BOS, is read at position 0) while the other rows continue; a row must be reset or dropped
+    before its position reaches `capacity`. Multi-token prompts for a restarted row are read one
+    token per `decode` call (teacher forcing); `prefill` reads equal-length prompts of a whole
+    batch at once.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    local: list[bool]
+    positions: torch.Tensor
+    capacity: int
+    window: int
+    span: int
+    """Host-side max of `positions`: global layers read slots [0, span]; no device sync."""
+    zeroed: int
+    """Global-cache slots [0, zeroed) hold finite values (written or zeroed). The cache is
+    allocated with `torch.empty` (on the CPU, pages of a large allocation that are never touched
+    are never committed: a 600-token sample does not pay for 2048 positions); each slot is
+    zeroed just before it is first read, because garbage NaNs would leak through the masked
+    attention (0 * NaN)."""
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Start `rows` (indices or a bool mask over the batch) over as new sequences.
+
+        Their next `decode` token is read at position 0 with no history. Costs one host sync
+        (the new maximum position).
+        """
+        self.positions[rows] = 0
+        self.span = int(self.positions.max())
+
+
+def _new_state(
+    model: GPTNeoFast,
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+    capacity: int,
+) -> DecodeState:
+    """A cache holding the prompt's keys and values (every row read the same `length` tokens)."""
+    batch, heads, length, head_dim = kv[0][0].shape
+    device = kv[0][0].device
+    window = min(model.window, capacity)
+    keys, values, local = [], [], []
+    for block, (k, v) in zip(model.transformer.h, kv, strict=True):
+        is_local = block.attn.attention.local
+        if is_local:
+            shape = (batch, heads, window, head_dim)
+            ck, cv = k.new_zeros(shape), v.new_zeros(shape)
+            first = max(0, length - window)  # older positions have left the window
+            slots = torch.arange(first, length, device=device) % window
+            ck.index_copy_(2, slots, k[:, :, first:])
+            cv.index_copy_(2, slots, v[:, :, first:])
+        else:
+            shape = (batch, heads, capacity, head_dim)
+            ck, cv = k.new_empty(shape), v.new_empty(shape)
+            ck[:, :, :length] = k
+            cv[:, :, :length] = v
+        keys.append(ck)
+        values.append(cv)
+        local.append(is_local)
+    positions = torch.full((batch,), length, dtype=torch.long, device=device)
+    return DecodeState(keys, values, local, positions, capacity, window, length, length)
+
+
+@torch.no_grad()
+def decode_step(
+    model: GPTNeoFast, next_ids: torch.Tensor, state: DecodeState
+) -> tuple[torch.Tensor, DecodeState]:
+    """Read one token per row at that row's position; returns its logits [batch, vocab].
+
+    Raises:
+        ValueError: when a row's position has reached the cache's capacity.
+    """
+    if state.span >= state.capacity:
+        raise ValueError(
+            f"decoding past the cache capacity ({state.capacity} positions): reset or drop rows"
+        )
+    pos = state.positions
+    rows = torch.arange(pos.shape[0], device=pos.device)
+    read = state.span + 1  # global slots that may be visible to some row
+    if read > state.zeroed:
+        for is_local, ck, cv in zip(state.local, state.keys, state.values, strict=True):
+            if not is_local:
+                ck[:, :, state.zeroed : read] = 0
+                cv[:, :, state.zeroed : read] = 0
+        state.zeroed = read
+    global_visible = (torch.arange(read, device=pos.device) <= pos[:, None])[:, None, None, :]
+    ring = min(state.window, read)  # ring slots beyond `read` were never written in any row
+    local_visible = (torch.arange(ring, device=pos.device) <= pos[:, None])[:, None, None, :]
+    local_slots = pos % state.window
+
+    tr = model.transformer
+    x = (tr.wte(next_ids) + tr.wpe(pos))[:, None, :]
+    for block, is_local, ck, cv in zip(tr.h, state.local, state.keys, state.values, strict=True):
+        attn = block.attn.attention
+        if is_local:
+            y = attn.step(block.ln_1(x), ck, cv, rows, local_slots, ring, local_visible)
+        else:
+            y = attn.step(block.ln_1(x), ck, cv, rows, pos, read, global_visible)
+        x = x + y
+        x = x + block.mlp(block.ln_2(x))
+    logits = model.lm_head(tr.ln_f(x[:, 0]))
+    state.positions += 1
+    state.span += 1
+    return logits, state
+
+
+def from_state_dict(config: GPTNeoConfig, state: dict[str, torch.Tensor]) -> GPTNeoFast:
+    """A model holding `state` (a GPT-Neo state dict, `lm_head.weight` optional since tied).
+
+    The module is built on the meta device and the tensors are assigned, so no random init
+    runs (and the global RNG is untouched).
+
+    Raises:
+        ValueError: naming missing or unknown parameters.
+    """
+    state = {k: v for k, v in state.items() if not k.endswith(_STALE_BUFFERS)}
+    with torch.device("meta"):
+        model = GPTNeoFast(config)
+    expected = set(model.state_dict())
+    missing = expected - set(state) - {"lm_head.weight"}
+    unknown = set(state) - expected
+    if missing or unknown:
+        raise ValueError(
+            f"not a GPT-Neo state dict: missing {sorted(missing)}, unknown {sorted(unknown)}"
+        )
+    state.setdefault("lm_head.weight", state["transformer.wte.weight"])
+    model.load_state_dict(state, assign=True)
+    model.tie_weights()  # assign gives the two names separate Parameters; make them one again
+    return model
+
+
+class FastGPTNeo:
+    """`model.implementation: fast`: `GPTNeoFast`, SDPA attention and a preallocated KV cache."""
+
+    name = "fast"
+
+    def build(
+        self, fields: dict[str, Any], vocab_size: int, start_id: int, end_id: int, seed: int
+    ) -> GPTNeoFast:
+        """See `collapse.models.ModelImplementation`.
+
+        The weights are the reference's for the same seed, copied from a reference model built
+        by `gpt_neo_hf.init_model`: the draw order of transformers' initialisation is an
+        implementation detail that changes between releases, and copying keeps the two
+        implementations' generation-1 models identical in every release.
+        """
+        reference = init_model(gpt_neo_config(fields, vocab_size, start_id, end_id), seed)
+        # a config of our own: the reference model writes its runtime choices into its config
+        return from_state_dict(
+            gpt_neo_config(fields, vocab_size, start_id, end_id), reference.state_dict()
+        )
+
+    def load(self, path: Path, device: torch.device) -> GPTNeoFast:
+        """See `collapse.models.ModelImplementation`.
+
+        Reads safetensors weights (one file or shards); other formats go through transformers.
+        """
+        path = Path(path)
+        config = GPTNeoConfig.from_pretrained(str(path))
+        files = sorted(path.glob("*.safetensors"))
+        if files:
+            state: dict[str, torch.Tensor] = {}
+            for file in files:
+                state.update(load_file(str(file)))
+        else:  # e.g. pytorch_model.bin from an old save_pretrained
+            from transformers import GPTNeoForCausalLM
+
+            state = GPTNeoForCausalLM.from_pretrained(str(path)).state_dict()
+        return from_state_dict(config, state).to(device)
+
+    def save(self, model: GPTNeoFast, path: Path) -> None:
+        """See `collapse.models.ModelImplementation`.
+
+        Writes what `GPTNeoForCausalLM.save_pretrained` writes: config.json,
+        generation_config.json and model.safetensors without the tied `lm_head.weight`.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = GPTNeoConfig.from_dict(model.config.to_dict())
+        config.architectures = ["GPTNeoForCausalLM"]
+        config.dtype = model.transformer.wte.weight.dtype
+        config.save_pretrained(str(path))
+        GenerationConfig.from_model_config(config).save_pretrained(str(path))
+        state = {
+            k: v.detach().contiguous()
+            for k, v in model.state_dict().items()
+            if k != "lm_head.weight"
+        }
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+    def owns(self, model: Any) -> bool:
+        """See `collapse.models.ModelImplementation`."""
+        return isinstance(model, GPTNeoFast)
+
+    def count_parameters(self, model: GPTNeoFast) -> dict[str, int]:
+        """See `collapse.models.ModelImplementation`."""
+        total = sum(p.numel() for p in model.parameters())  # the tied head is one parameter
+        embedding = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+        return {"total": total, "non_embedding": total - embedding}
+
+    def logits(
+        self,
+        model: GPTNeoFast,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """See `collapse.models.ModelImplementation`.
+
+        `attention_mask` may mark right padding only (pads at the end of rows), as perplexity
+        batches do. Attention is causal, so a real position never sees a later pad, and the
+        reference numbers positions 0..seq-1 whatever the mask: the logits at real positions
+        are those of the unpadded rows and the mask needs no part in the computation (the
+        fused causal kernel stays usable). Logits at pad positions are unspecified.
+
+        Raises:
+            ValueError: if the mask has a pad before a real token (left or inner padding).
+        """
+        if attention_mask is not None and bool(
+            (attention_mask[:, 1:] > attention_mask[:, :-1]).any()
+        ):
+            raise ValueError("the fast GPT-Neo takes right-padded attention masks only")
+        return model(input_ids)
+
+    def prefill(
+        self, model: GPTNeoFast, input_ids: torch.Tensor, capacity: int | None = None
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """See `collapse.models.ModelImplementation`.
+
+        Args:
+            model: the model.
+            input_ids: [batch, seq] prompts of equal length (no padding).
+            capacity: positions the cache holds per row (default: the model's context length;
+                less saves memory when the caller knows its longest sequence).
+
+        Returns:
+            The last position's logits [batch, vocab] and a `DecodeState`.
+        """
+        capacity = capacity or self.context_length(model)
+        if not input_ids.shape[1] <= capacity <= self.context_length(model):
+            raise ValueError(
+                f"prompt of {input_ids.shape[1]} tokens, capacity {capacity}, "
+                f"context {self.context_length(model)}"
+            )
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            hidden = model.hidden(input_ids, kv)
+            last = model.lm_head(hidden[:, -1])
+        return last, _new_state(model, kv, capacity)
+
+    def decode(
+        self, model: GPTNeoFast, next_ids: torch.Tensor, state: DecodeState
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """See `collapse.models.ModelImplementation` and `decode_step`; `state` is updated."""
+        return decode_step(model, next_ids, state)
+
+    def context_length(self, model: GPTNeoFast) -> int:
+        """See `collapse.models.ModelImplementation`."""
+        return int(model.config.max_position_embeddings)
+
+
+IMPLEMENTATION = FastGPTNeo()
