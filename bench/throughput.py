@@ -6,7 +6,14 @@ One process, the same weights and the same inputs for both. Cases:
   configs/demo.yaml's model (2 layers, hidden 64, 4 heads, vocab 2048, 512 positions, window
   128) on a batch of 16 x 128 tokens, as the demo trains;
 - `train-1m`: the same step for the TinyStories-1M preset (vocab 50257), 16 x 128;
-- `forward-33m`: the inference forward (all logits) of the TinyStories-33M preset, 4 x 256.
+- `forward-33m`: the inference forward (all logits) of the TinyStories-33M preset, 4 x 256;
+- `sample-demo`: sampling `--stories` stories from the demo model: transformers' `generate`
+  (`do_sample=True, top_k=0, top_p=1.0`) in static batches of `--sample-batch` against our
+  continuous-batching sampler (`collapse.slot_sampler`) with as many slots. The random model gets
+  a bias on the EOS logit (the same warper on both sides) so that story lengths are geometric
+  with mean ~150 tokens, cut at `--max-new-tokens` (500: the demo model has 512 positions), like
+  TinyStories samples (mean ~155, cap 600). Useful tokens are story tokens plus the closing EOS;
+  a static batch also spends steps on rows that have ended, which is what this case measures.
 
 Each side runs `--repeats` times, interleaved, and the best time of each is compared, so a noisy
 neighbour hurts both alike. Prints tokens/s and the ratio. On CUDA the step runs under the
@@ -126,11 +133,107 @@ def run_case(name: str, case: Case, device: torch.device, repeats: int) -> float
     return ratio
 
 
+class _EOSBias:
+    """Adds `bias` to the EOS logit (a transformers logits processor and our warper alike)."""
+
+    def __init__(self, eos: int, bias: float):
+        self.eos, self.bias = eos, bias
+
+    def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        scores[:, self.eos] += self.bias
+        return scores
+
+
+def run_sampling(args: argparse.Namespace, device: torch.device) -> float:
+    """Useful tokens/s of `generate` (static batches) vs our slots; prints the ratio."""
+    import math
+
+    from transformers import LogitsProcessorList
+
+    from collapse.slot_sampler import sample_stories
+
+    vocab, eos, n, batch = 2048, 0, args.stories, args.sample_batch
+    fields = resolve_model_fields(DEMO)
+    reference = implementation("transformers").build(fields, vocab, eos, eos, seed=0)
+    state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    ours = from_state_dict(gpt_neo_config(fields, vocab, eos, eos), state)
+    reference, ours = reference.to(device).eval(), ours.to(device).eval()
+    # near-uniform random logits: P(EOS) = e^b / (e^b + vocab - 1) = 1/150 at this bias
+    bias = _EOSBias(eos, math.log((vocab - 1) / 149))
+    results = {}
+
+    def timed(side: str, fn: Callable[[], list[int]]) -> None:
+        _sync(device)
+        start = time.perf_counter()
+        lengths = fn()
+        _sync(device)
+        results[side] = (time.perf_counter() - start, lengths)
+
+    def generate() -> list[int]:
+        lengths = []
+        torch.manual_seed(0)
+        for first in range(0, n, batch):
+            rows = min(batch, n - first)
+            with torch.inference_mode():
+                out = reference.generate(
+                    torch.full((rows, 1), eos, device=device),
+                    attention_mask=torch.ones(rows, 1, dtype=torch.long, device=device),
+                    do_sample=True,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=args.max_new_tokens,
+                    logits_processor=LogitsProcessorList([bias]),
+                    pad_token_id=eos,
+                    eos_token_id=eos,
+                )
+            for row in out[:, 1:].tolist():
+                lengths.append(row.index(eos) + 1 if eos in row else len(row))
+        return lengths
+
+    def slots() -> list[int]:
+        stories = sample_stories(
+            ours,
+            list(range(n)),
+            key=0,
+            max_new_tokens=args.max_new_tokens,
+            start_id=eos,
+            end_id=eos,
+            slots=batch,
+            warp=lambda scores: bias(None, scores),
+            device=device,
+        )
+        return [len(tokens) + ended for _, tokens, ended in stories]
+
+    timed("reference (generate)", generate)
+    timed("ours (slots)", slots)
+    print(
+        f"sample-demo: {n} stories, batch/slots {batch}, max_new_tokens {args.max_new_tokens}, "
+        f"vocab {vocab}"
+    )
+    for side, (seconds, lengths) in results.items():
+        useful = sum(lengths)
+        print(
+            f"  {side:26s} {seconds:8.2f} s  {useful / seconds:>12,.0f} useful tokens/s  "
+            f"(mean length {useful / len(lengths):.0f}, max {max(lengths)})"
+        )
+    ratio = (sum(results["ours (slots)"][1]) / results["ours (slots)"][0]) / (
+        sum(results["reference (generate)"][1]) / results["reference (generate)"][0]
+    )
+    print(f"  speed-up (ours / reference): {ratio:.2f}x")
+    return ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument(
+        "--cases", nargs="+", choices=[*CASES, "sample-demo"], default=[*CASES, "sample-demo"]
+    )
+    parser.add_argument("--stories", type=int, default=400, help="sample-demo: stories")
+    parser.add_argument("--sample-batch", type=int, default=200, help="sample-demo: batch/slots")
+    parser.add_argument("--max-new-tokens", type=int, default=500, help="sample-demo: cap")
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default: torch's choice)"
     )
@@ -143,7 +246,10 @@ def main() -> None:
         f"precision={autocast_dtype('auto', device) or 'fp32'} repeats={args.repeats}"
     )
     for name in args.cases:
-        run_case(name, CASES[name], device, args.repeats)
+        if name == "sample-demo":
+            run_sampling(args, device)
+        else:
+            run_case(name, CASES[name], device, args.repeats)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ setting) the full distribution at temperature T is sampled.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +59,15 @@ def draw_tokens(probs: torch.Tensor, u: torch.Tensor | None = None) -> torch.Ten
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
-def story_uniforms(key: int, stories: torch.Tensor, step: int) -> torch.Tensor:
-    """The uniforms of `stories` (global indices) for their token number `step` (0-based)."""
+def story_uniforms(key: int, stories: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """The uniforms of `stories` (global indices) for their token number `step` (0-based).
+
+    `step` is one number for the whole batch (static batches) or one per story (slots).
+    """
     from collapse.counter_rng import uniforms
 
-    return uniforms(key, stories, torch.full_like(stories, step))
+    steps = torch.as_tensor(step, dtype=torch.long, device=stories.device)
+    return uniforms(key, stories, steps.expand_as(stories))
 
 
 @torch.inference_mode()
@@ -172,34 +176,82 @@ def sample_corpus(
     }
     for name in stale:
         (out_dir / name).unlink()
-    reused = tokens = finished = 0
+    counts = {"reused": 0, "tokens": 0, "finished": 0}
     if done and log:
         log(f"resuming sampling: {len(done)} of {len(sizes)} shards already written")
     bar = tqdm(total=cfg.num_sequences, disable=not progress, desc="sample", unit="seq")
+    todo = []
     for index, size in enumerate(sizes):
         name = shard_name(index)
         path = out_dir / name
         if name in done and path.exists() and sha256_file(path) == done[name]:
-            reused += 1
+            counts["reused"] += 1
             kept = pq.read_table(path, columns=["length", "finished"])
-            tokens += int(_column_sum(kept.column("length")))
-            finished += int(_column_sum(kept.column("finished")))
+            counts["tokens"] += int(_column_sum(kept.column("length")))
+            counts["finished"] += int(_column_sum(kept.column("finished")))
             bar.update(size)
-            continue
+        else:
+            todo.append(index)
+
+    def write(index: int, ids: list[list[int]], ended: list[bool]) -> None:
+        counts["tokens"] += sum(map(len, ids))
+        counts["finished"] += sum(ended)
+        path = out_dir / shard_name(index)
+        write_shard(path, ids, tokenizer.batch_decode(ids), ended)
+        done[path.name] = sha256_file(path)
+        atomic_write_json(progress_path, {"key": progress_key, "shards": done})
+        crash_point("sample", index + 1)
+        if log:
+            log(f"shard {index + 1}/{len(sizes)} written")
+
+    ends = (start_id, end_id)
+    if cfg.rng == "story" and implementation_of(model).slots:
+        shards = _slot_shards(model, cfg, todo, sizes, seed, ends, device, bar)
+    else:
+        shards = _static_shards(model, cfg, todo, sizes, seed, ends, device, bar)
+    for index, ids, ended in shards:
+        write(index, ids, ended)
+    bar.close()
+    progress_path.unlink(missing_ok=True)
+    n = cfg.num_sequences
+    return {
+        "shards": len(sizes),
+        "shards_reused": counts["reused"],
+        "sequences": n,
+        "tokens": counts["tokens"],
+        "finished_fraction": counts["finished"] / n,
+        "mean_length": counts["tokens"] / n,
+    }
+
+
+Shard = tuple[int, list[list[int]], list[bool]]
+
+
+def _static_shards(
+    model: torch.nn.Module,
+    cfg: Any,
+    todo: list[int],
+    sizes: list[int],
+    seed: int,
+    ends: tuple[int, int],
+    device: torch.device,
+    bar: Any,
+) -> Iterator[Shard]:
+    """The shards in `todo`, each sampled in batches that run until their longest story ends."""
+    for index in todo:
         ids: list[list[int]] = []
         ended: list[bool] = []
         first = index * cfg.shard_size  # global index of the shard's first story
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(derive_seed(seed, "shard", index))
-            for start in range(0, size, cfg.batch_size):
-                n = min(cfg.batch_size, size - start)
+            for start in range(0, sizes[index], cfg.batch_size):
+                n = min(cfg.batch_size, sizes[index] - start)
                 rows = torch.arange(first + start, first + start + n)
                 seqs, fin = sample_batch(
                     model,
                     n,
                     cfg.max_new_tokens,
-                    start_id,
-                    end_id,
+                    *ends,
                     temperature=cfg.temperature,
                     top_k=cfg.top_k,
                     top_p=cfg.top_p,
@@ -209,26 +261,48 @@ def sample_corpus(
                 ids += seqs
                 ended += fin
                 bar.update(n)
-        tokens += sum(map(len, ids))
-        finished += sum(ended)
-        texts = tokenizer.batch_decode(ids)
-        write_shard(path, ids, texts, ended)
-        done[name] = sha256_file(path)
-        atomic_write_json(progress_path, {"key": progress_key, "shards": done})
-        crash_point("sample", index + 1)
-        if log:
-            log(f"shard {index + 1}/{len(sizes)} written")
-    bar.close()
-    progress_path.unlink(missing_ok=True)
-    n = cfg.num_sequences
-    return {
-        "shards": len(sizes),
-        "shards_reused": reused,
-        "sequences": n,
-        "tokens": tokens,
-        "finished_fraction": finished / n,
-        "mean_length": tokens / n,
-    }
+        yield index, ids, ended
+
+
+def _slot_shards(
+    model: torch.nn.Module,
+    cfg: Any,
+    todo: list[int],
+    sizes: list[int],
+    seed: int,
+    ends: tuple[int, int],
+    device: torch.device,
+    bar: Any,
+) -> Iterator[Shard]:
+    """The shards in `todo` from one pool of `cfg.batch_size` slots (continuous batching).
+
+    The pool runs across shard boundaries (no shard drains it); a shard is yielded once its
+    last story has ended, so shards come out in about, not exactly, their order.
+    """
+    from collapse.slot_sampler import sample_stories
+
+    warpers = _warpers(cfg.temperature, cfg.top_k, cfg.top_p)
+    pending: dict[int, dict[int, tuple[list[int], bool]]] = {i: {} for i in todo}
+    stories = [i * cfg.shard_size + j for i in todo for j in range(sizes[i])]
+    for story, ids, ended in sample_stories(
+        model,
+        stories,
+        key=seed,
+        max_new_tokens=cfg.max_new_tokens,
+        start_id=ends[0],
+        end_id=ends[1],
+        slots=cfg.batch_size,
+        # the warpers read only the scores (input_ids are for repetition penalties)
+        warp=(lambda scores: warpers(None, scores)) if warpers else None,
+        device=device,
+    ):
+        index = story // cfg.shard_size
+        pending[index][story] = (ids, ended)
+        bar.update(1)
+        if len(pending[index]) == sizes[index]:
+            shard = pending.pop(index)
+            rows = [shard[k] for k in sorted(shard)]
+            yield index, [r[0] for r in rows], [r[1] for r in rows]
 
 
 def _column_sum(column: Any) -> int:

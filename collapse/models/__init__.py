@@ -47,6 +47,9 @@ class ModelImplementation(Protocol):
     """What an implementation of the architecture provides."""
 
     name: str
+    # Whether decoding rows can be restarted independently (continuous batching):
+    # `prefill(model, ids, capacity=N)` sizes the cache, and the state has `reset(rows)`.
+    slots: bool
 
     def build(
         self, fields: dict[str, Any], vocab_size: int, start_id: int, end_id: int, seed: int

@@ -340,6 +340,7 @@ class FastGPTNeo:
     """`model.implementation: fast`: `GPTNeoFast`, SDPA attention and a preallocated KV cache."""
 
     name = "fast"
+    slots = True  # DecodeState.reset: continuous batching
 
     def build(
         self, fields: dict[str, Any], vocab_size: int, start_id: int, end_id: int, seed: int

@@ -71,6 +71,7 @@ class TransformersGPTNeo:
     """`model.implementation: transformers`: the library's GPT-Neo, eager attention."""
 
     name = "transformers"
+    slots = False  # its cache grows by concatenation, for the whole batch at once
 
     def build(
         self, fields: dict[str, Any], vocab_size: int, start_id: int, end_id: int, seed: int

@@ -1,0 +1,146 @@
+"""Continuous batching: a story's tokens do not depend on its slot, the pool size or its
+neighbours; corpora sampled through slots resume byte-identical and follow the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from collapse.config import ModelConfig
+from collapse.corpus.parquet import shard_name
+from collapse.models import build_model, save_model
+from collapse.models.gpt_neo_hf import IMPLEMENTATION as REFERENCE
+from collapse.sample import sample_batch, sample_corpus
+from collapse.slot_sampler import sample_stories
+from collapse.store import sha256_file
+
+from .test_sample import _cfg, _pairs, _Tok
+
+# window 8 < story lengths: restarted rows must not see the ring buffer of a previous story
+FAST = ModelConfig(
+    num_layers=2,
+    hidden_size=32,
+    num_heads=4,
+    max_position_embeddings=64,
+    window_size=8,
+    implementation="fast",
+)
+
+
+@pytest.fixture(scope="module")
+def fast_model() -> torch.nn.Module:
+    return build_model(FAST, 50, 0, 0, seed=3).eval()
+
+
+def _stories(model, n: int, **kw) -> dict[int, tuple[list[int], bool]]:
+    found = sample_stories(
+        model, list(range(n)), key=5, max_new_tokens=30, start_id=0, end_id=0, **kw
+    )
+    return {story: (tokens, ended) for story, tokens, ended in found}
+
+
+def test_a_story_is_the_same_in_any_slot_pool_and_as_in_a_static_batch(fast_model):
+    n = 40
+    static, ended = sample_batch(fast_model, n, 30, 0, 0, stories=(5, torch.arange(n)))
+    expected = {i: (static[i], ended[i]) for i in range(n)}
+    assert 0 < sum(ended) < n  # some stories end with EOS, some hit the cap
+    assert max(len(s) for s in static) == 30 and min(len(s) for s in static) < 10
+    for slots, check_every in ((1, 1), (3, 1), (7, 1), (40, 1), (3, 8), (7, 5), (40, 30)):
+        assert _stories(fast_model, n, slots=slots, check_every=check_every) == expected, (
+            slots,
+            check_every,
+        )
+
+
+def test_stories_are_handed_out_once_each_as_they_end(fast_model):
+    order = [
+        story
+        for story, _, _ in sample_stories(
+            fast_model, [5, 2, 9, 7], key=1, max_new_tokens=30, start_id=0, end_id=0, slots=2
+        )
+    ]
+    assert sorted(order) == [2, 5, 7, 9]
+
+
+def test_the_reference_implementation_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="cannot restart single rows"):
+        next(
+            sample_stories(tiny_model, [0], key=1, max_new_tokens=3, start_id=0, end_id=0, slots=1)
+        )
+
+
+def test_slot_corpora_do_not_depend_on_batch_size_and_resume_byte_identical(
+    tmp_path: Path, fast_model
+):
+    cpu = torch.device("cpu")
+    hashes = {}
+    for batch in (1, 4, 10):
+        out = tmp_path / f"batch-{batch}"
+        cfg = _cfg(num_sequences=10, batch_size=batch, shard_size=4, rng="story", max_new_tokens=30)
+        sample_corpus(fast_model, _Tok(), cfg, out, seed=1, progress_key="k", device=cpu)
+        hashes[batch] = [sha256_file(out / shard_name(i)) for i in range(3)]
+    assert hashes[1] == hashes[4] == hashes[10]
+    # a run that stopped after shard 1: the rest is sampled again, identically
+    part = tmp_path / "part"
+    cfg = _cfg(num_sequences=10, batch_size=4, shard_size=4, rng="story", max_new_tokens=30)
+    sample_corpus(fast_model, _Tok(), cfg, part, seed=1, progress_key="k", device=cpu)
+    (part / shard_name(0)).unlink()
+    (part / shard_name(2)).write_bytes(b"truncated")
+    progress = {shard_name(1): sha256_file(part / shard_name(1))}
+    (part / "_progress.json").write_text(json.dumps({"key": "k", "shards": progress}))
+    stats_ = sample_corpus(fast_model, _Tok(), cfg, part, seed=1, progress_key="k", device=cpu)
+    assert stats_["shards_reused"] == 1
+    assert [sha256_file(part / shard_name(i)) for i in range(3)] == hashes[4]
+
+
+def test_a_saved_fast_model_samples_the_same_through_both_implementations(
+    tmp_path: Path, fast_model
+):
+    # the sampled corpus depends on the weights, not on which code read the checkpoint
+    save_model(fast_model, tmp_path)
+    reference = REFERENCE.load(tmp_path, torch.device("cpu")).eval()
+    n = 30
+    ours = sample_batch(fast_model, n, 20, 0, 0, stories=(9, torch.arange(n)))
+    theirs = sample_batch(reference, n, 20, 0, 0, stories=(9, torch.arange(n)))
+    assert ours == theirs
+
+
+def test_slot_sampling_follows_the_model_distribution(fast_model):
+    """The chi-square test of test_sample.py: slots against transformers' `generate`."""
+    n = 4000
+    ours = _pairs(
+        [
+            t
+            for _, t, _ in sample_stories(
+                fast_model, list(range(n)), key=3, max_new_tokens=2, start_id=0, end_id=0, slots=500
+            )
+        ]
+    )
+    reference = build_model(FAST.model_copy(update={"implementation": "transformers"}), 50, 0, 0, 3)
+    torch.manual_seed(12)
+    with torch.no_grad():
+        generated = reference.eval().generate(
+            torch.zeros(n, 1, dtype=torch.long),
+            attention_mask=torch.ones(n, 1, dtype=torch.long),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=2,
+            pad_token_id=0,
+            eos_token_id=0,
+        )
+    theirs = generated[:, 1:].numpy()
+    theirs = np.concatenate([theirs, np.zeros((n, 2 - theirs.shape[1]), dtype=theirs.dtype)], 1)
+    codes_ours, codes_theirs = (x[:, 0] * 5 + x[:, 1] % 5 for x in (ours, theirs))
+    cells = np.unique(np.concatenate([codes_ours, codes_theirs]))
+    a = np.array([(codes_ours == c).sum() for c in cells])
+    b = np.array([(codes_theirs == c).sum() for c in cells])
+    big = a + b >= 20
+    table = np.array([[*a[big], a[~big].sum()], [*b[big], b[~big].sum()]])
+    assert table.shape[1] > 100
+    assert stats.chi2_contingency(table).pvalue > 1e-3
