@@ -148,6 +148,29 @@ def test_kill_9_then_resume_equals_uninterrupted(
     assert not list(run_dir(root).rglob("*.tmp"))
 
 
+def test_slot_sampling_on_the_fast_path_resumes_byte_identical_after_kill_9(
+    tmp_path: Path, home: Path, corpus: Path
+):
+    # Continuous batching writes shards as their last story ends (about, not exactly, in
+    # order); the progress file still decides what a resumed run keeps.
+    fast = ["model.implementation=fast", "sample.rng=story", "run.generations=1"]
+    fast.append("eval.metrics=[entropy]")
+    roots = {}
+    for name, fault in (("whole", None), ("killed", "sample:1")):
+        roots[name] = tmp_path / name / "artifacts"
+        config = make_config(tmp_path, corpus, roots[name])
+        proc = collapse(home, "run", str(config), *fast, fault=fault)
+        if fault:
+            assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+            proc = collapse(home, "run", str(config), *fast)
+            assert "resuming sampling" in proc.stdout + proc.stderr
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert output_hashes(roots["killed"], "corpus/") == output_hashes(roots["whole"], "corpus/")
+    assert output_hashes(roots["killed"], "model/") == output_hashes(roots["whole"], "model/")
+    info = json.loads((run_dir(roots["whole"]) / "gen-001" / "manifest.json").read_text())
+    assert info["stages"]["sample"]["info"]["sequences"] == 120
+
+
 def test_a_corrupted_artifact_is_recomputed_with_everything_after_it(
     tmp_path: Path, home: Path, corpus: Path, reference: Path
 ):
