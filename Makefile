@@ -33,6 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
+	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/sampler.py
 	$(BIN)/python bench/metrics.py --words 2000000
 
