@@ -2,7 +2,8 @@
 
 One process, the same weights and the same inputs for both. Cases:
 
-- `train-demo`: one training step (forward, fp32 cross-entropy, backward, AdamW step) of
+- `train-demo`: one training step (forward, fp32 cross-entropy, backward, AdamW step; ours
+  runs the output head and cross-entropy in chunks, `collapse.models.loss`) of
   configs/demo.yaml's model (2 layers, hidden 64, 4 heads, vocab 2048, 512 positions, window
   128) on a batch of 16 x 128 tokens, as the demo trains;
 - `train-1m`: the same step for the TinyStories-1M preset (vocab 50257), 16 x 128;
@@ -38,7 +39,6 @@ from collapse.device import autocast, autocast_dtype, pick_device
 from collapse.models import implementation, resolve_model_fields
 from collapse.models.gpt_neo_fast import from_state_dict
 from collapse.models.gpt_neo_hf import gpt_neo_config
-from collapse.train import token_loss
 
 DEMO = ModelConfig(
     num_layers=2, hidden_size=64, num_heads=4, max_position_embeddings=512, window_size=128
@@ -100,8 +100,8 @@ def _step_fn(
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
-            logits = impl.logits(model, batch)
-        token_loss(logits, batch).backward()
+            loss = impl.loss(model, batch)
+        loss.backward()
         optimizer.step()
 
     return step

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from collapse.device import autocast, autocast_dtype
@@ -72,11 +71,6 @@ class _Order:
             mask = positions // self.n_blocks == epoch
             out[mask] = self._perms[epoch][positions[mask] % self.n_blocks]
         return out
-
-
-def token_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (fp32) of a batch of full sequences."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten())
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -164,8 +158,7 @@ def train_model(
             idx = order.blocks(step * cfg.effective_batch + micro * cfg.batch_size, cfg.batch_size)
             batch = torch.from_numpy(blocks[idx].astype(np.int64)).to(device, non_blocking=True)
             with autocast(device, amp):
-                logits = impl.logits(model, batch)
-            loss = token_loss(logits, batch) / accum
+                loss = impl.loss(model, batch) / accum
             scaler.scale(loss).backward()
             step_loss += loss.item()
         if cfg.grad_clip is not None:

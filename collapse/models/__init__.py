@@ -76,6 +76,9 @@ class ModelImplementation(Protocol):
     ) -> torch.Tensor:
         """Next-token logits [batch, seq, vocab] for every position."""
 
+    def loss(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy (fp32) of full training sequences [batch, seq]."""
+
     def prefill(self, model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Read a prompt; returns the last position's logits [batch, vocab] and a decode state."""
 

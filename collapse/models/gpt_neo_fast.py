@@ -429,6 +429,16 @@ class FastGPTNeo:
             raise ValueError("the fast GPT-Neo takes right-padded attention masks only")
         return model(input_ids)
 
+    def loss(self, model: GPTNeoFast, input_ids: torch.Tensor) -> torch.Tensor:
+        """See `collapse.models.ModelImplementation`: the output head runs in chunks
+        (`collapse.models.loss.target_logprobs`), so the micro-batch's logits never exist whole.
+        """
+        from collapse.models.loss import target_logprobs
+
+        hidden = model.hidden(input_ids)[:, :-1].flatten(0, 1)
+        targets = input_ids[:, 1:].flatten()
+        return -target_logprobs(hidden, model.lm_head.weight, targets).mean()
+
     def prefill(
         self, model: GPTNeoFast, input_ids: torch.Tensor, capacity: int | None = None
     ) -> tuple[torch.Tensor, DecodeState]:

@@ -106,6 +106,12 @@ class TransformersGPTNeo:
         """See `collapse.models.ModelImplementation`."""
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def loss(self, model: GPTNeoForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
+        """See `collapse.models.ModelImplementation`: from the full logits."""
+        from collapse.models.loss import token_loss
+
+        return token_loss(model(input_ids=input_ids).logits, input_ids)
+
     def prefill(
         self, model: GPTNeoForCausalLM, input_ids: torch.Tensor
     ) -> tuple[torch.Tensor, Any]:
