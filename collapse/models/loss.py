@@ -89,8 +89,9 @@ def target_logprobs(
         chunk: tokens whose logits exist at once.
 
     Returns:
-        log-probabilities [tokens] in fp32 (fp64 for fp64 inputs). Under autocast the head's matmuls run in the autocast
-        dtype and the log-softmax in fp32, as `F.cross_entropy(logits.float())` would.
+        log-probabilities [tokens] in fp32 (fp64 for fp64 inputs). Under autocast the head's
+        matmuls run in the autocast dtype and the log-softmax in fp32, as
+        `F.cross_entropy(logits.float())` would.
     """
     dtype = _compute_dtype(hidden.device, hidden.dtype)
     return _TargetLogprobs.apply(hidden, weight, targets, chunk, dtype)
