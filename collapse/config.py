@@ -152,6 +152,11 @@ class TrainConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
     checkpoint_every: PositiveInt = Field(200, description="Optimizer steps between checkpoints.")
+    deterministic: bool = Field(
+        False,
+        description="Bitwise-repeatable GPU training: deterministic kernels and cuBLAS "
+        "workspace (slower); CPU training is repeatable either way.",
+    )
 
     @field_validator("betas")
     @classmethod
@@ -301,6 +306,7 @@ _HASH_EXCLUDED_SECTIONS = {"orchestration", "eval"}
 HASH_NEUTRAL: dict[tuple[str, str], Any] = {
     ("model", "implementation"): "transformers",
     ("sample", "rng"): "shard",
+    ("train", "deterministic"): False,
 }
 
 

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Iterator
 
 import torch
+
+# cuBLAS picks its reduction order per workspace; a fixed small workspace makes it repeatable
+# (https://docs.nvidia.com/cuda/cublas/index.html#results-reproducibility).
+CUBLAS_DETERMINISTIC = ":4096:8"
 
 
 def pick_device(requested: str) -> torch.device:
@@ -34,3 +40,33 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def prepare_deterministic() -> None:
+    """Set what deterministic GPU training needs before CUDA and cuBLAS start in this process.
+
+    cuBLAS reads `CUBLAS_WORKSPACE_CONFIG` when it creates its handle, so this is called as
+    early as possible (the CLI and each flow call it when `train.deterministic` is on).
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Within the block, torch uses only deterministic kernels (or raises where none exists).
+
+    The process-wide setting is restored afterwards, so other stages are not slowed down.
+    """
+    if not enabled:
+        yield
+        return
+    prepare_deterministic()
+    before = torch.are_deterministic_algorithms_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False  # autotuning may pick other kernels per run
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+        torch.backends.cudnn.benchmark = benchmark

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from collapse.device import autocast, autocast_dtype
+from collapse.device import autocast, autocast_dtype, deterministic_algorithms
 from collapse.faults import crash_point
 from collapse.models import implementation_of
 from collapse.seeding import derive_seed
@@ -151,45 +151,48 @@ def train_model(
     tokens_per_step = cfg.effective_batch * blocks.shape[1]
     started = time.perf_counter()
     bar = tqdm(total=steps, initial=start_step, disable=not progress, desc="train", unit="step")
-    for step in range(start_step, steps):
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in range(accum):
-            idx = order.blocks(step * cfg.effective_batch + micro * cfg.batch_size, cfg.batch_size)
-            batch = torch.from_numpy(blocks[idx].astype(np.int64)).to(device, non_blocking=True)
-            with autocast(device, amp):
-                loss = impl.loss(model, batch) / accum
-            scaler.scale(loss).backward()
-            step_loss += loss.item()
-        if cfg.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        losses.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
-        done = step + 1
-        if done % cfg.checkpoint_every == 0 and done < steps:
-            _save_checkpoint(
-                checkpoint_path,
-                {
-                    "key": checkpoint_key,
-                    "step": done,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                    "losses": losses,
-                    "seconds": elapsed_before + time.perf_counter() - started,
-                },
-            )
-            crash_point("train", done // cfg.checkpoint_every)
-            if log:
-                log(f"step {done}/{steps} loss {step_loss:.4f} (checkpoint saved)")
+    # Deterministic kernels only while training (other stages are not slowed down).
+    with deterministic_algorithms(cfg.deterministic):
+        for step in range(start_step, steps):
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in range(accum):
+                first = step * cfg.effective_batch + micro * cfg.batch_size
+                idx = order.blocks(first, cfg.batch_size)
+                batch = torch.from_numpy(blocks[idx].astype(np.int64)).to(device, non_blocking=True)
+                with autocast(device, amp):
+                    loss = impl.loss(model, batch) / accum
+                scaler.scale(loss).backward()
+                step_loss += loss.item()
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 and done < steps:
+                _save_checkpoint(
+                    checkpoint_path,
+                    {
+                        "key": checkpoint_key,
+                        "step": done,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng_cpu": torch.get_rng_state(),
+                        "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                        "losses": losses,
+                        "seconds": elapsed_before + time.perf_counter() - started,
+                    },
+                )
+                crash_point("train", done // cfg.checkpoint_every)
+                if log:
+                    log(f"step {done}/{steps} loss {step_loss:.4f} (checkpoint saved)")
     bar.close()
     seconds = elapsed_before + time.perf_counter() - started
     trained_tokens = (steps - start_step) * tokens_per_step

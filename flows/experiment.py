@@ -29,6 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from collapse.config import Config
 from collapse.context import Context
+from collapse.device import prepare_deterministic
 from collapse.pipeline import (
     freeze_config,
     gpu_stages,
@@ -52,6 +53,8 @@ def artifact_key(run_id: str, kind: str) -> str:
 def make_context(config: dict[str, Any], run_id: str) -> Context:
     """Rebuild the library context inside a flow or task (inputs are plain JSON)."""
     cfg = Config.model_validate(config)
+    if cfg.train.deterministic:
+        prepare_deterministic()  # before this process first touches cuBLAS
     logger = get_run_logger()
     load_judge_secret(cfg)
     # transformers' own bars (loading/writing weights, once per stage) only bury the stage bars.

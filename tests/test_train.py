@@ -136,3 +136,48 @@ def test_data_order_depends_on_the_seed(tmp_path: Path):
         checkpoint_key="k",
     )
     assert a["losses"] != b["losses"]
+
+
+def test_deterministic_training_is_the_same_on_cpu_and_leaves_the_global_setting_alone(
+    tmp_path: Path,
+):
+    blocks = _blocks()
+    weights = []
+    for deterministic in (False, True):
+        model = _model()
+        cfg = TrainConfig(
+            batch_size=8, effective_batch=8, seq_len=16, epochs=1, deterministic=deterministic
+        )
+        train_model(
+            model,
+            blocks,
+            cfg,
+            data_seed=0,
+            device=CPU,
+            checkpoint_path=tmp_path / f"{deterministic}.pt",
+            checkpoint_key="k",
+        )
+        weights.append(model.state_dict())
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_deterministic_gpu_training_is_bitwise_repeatable(tmp_path: Path):
+    cuda = torch.device("cuda")
+    blocks = _blocks()
+    cfg = TrainConfig(batch_size=8, effective_batch=8, seq_len=16, epochs=2, deterministic=True)
+    runs = []
+    for i in range(2):
+        model = _model()
+        train_model(
+            model,
+            blocks,
+            cfg,
+            data_seed=0,
+            device=cuda,
+            checkpoint_path=tmp_path / f"{i}.pt",
+            checkpoint_key="k",
+        )
+        runs.append({k: v.cpu() for k, v in model.state_dict().items()})
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
