@@ -151,10 +151,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     home = prefect_env.prefect_home()
     home.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    env.pop("PREFECT_API_URL", None)
     url = f"http://127.0.0.1:{args.port}"
     api_url = f"{url}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    # The UI page asks /ui-settings where the API is; unset, Prefect answers with the default
+    # port (4200) whatever --port says, and the UI stays blank on any other port.
+    env.pop("PREFECT_UI_API_URL", None)
+    env["PREFECT_SERVER_UI_API_URL"] = api_url
     prefect = Path(sys.executable).with_name("prefect")
     command = [str(prefect) if prefect.exists() else "prefect", "server", "start"]
     command += ["--host", "127.0.0.1", "--port", str(args.port)]

@@ -240,6 +240,13 @@ def test_runs_and_artifacts_are_visible_in_the_ui(home: Path, reference: Path, u
     assert len(_post(f"{ui_api}/flow_runs/filter", {"limit": 200})) > len(runs)
 
 
+def test_the_ui_calls_the_api_on_the_port_it_is_served_on(ui_api: str):
+    """The UI page learns its API URL from /ui-settings; Prefect's default there is port 4200."""
+    assert not ui_api.endswith(":4200/api")  # a free port, so the default would be wrong
+    with urllib.request.urlopen(ui_api.removesuffix("/api") + "/ui-settings", timeout=30) as resp:
+        assert json.loads(resp.read())["api_url"] == ui_api
+
+
 def test_generations_run_on_a_work_pool_worker(
     tmp_path: Path, home: Path, corpus: Path, reference: Path, ui_api: str
 ):
