@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -145,8 +146,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stop(Exception):
+    """SIGTERM or SIGHUP reached `collapse ui` (a service manager, `kill`, a closed terminal)."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate the server child and reap it; kill it if it does not stop in time."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
-    """`collapse ui`: Prefect server over the project's PREFECT_HOME on 127.0.0.1."""
+    """`collapse ui`: Prefect server over the project's PREFECT_HOME on 127.0.0.1.
+
+    Stops its server child on Ctrl-C, SIGTERM and SIGHUP, and removes the state file that points
+    runs at it, so no server is left holding the port.
+    """
     from flows import prefect_env
 
     home = prefect_env.prefect_home()
@@ -162,9 +186,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     prefect = Path(sys.executable).with_name("prefect")
     command = [str(prefect) if prefect.exists() else "prefect", "server", "start"]
     command += ["--host", "127.0.0.1", "--port", str(args.port)]
-    proc = subprocess.Popen(command, env=env)
     state = home / prefect_env.UI_STATE
+    wrote_state = False
+    # Without handlers SIGTERM/SIGHUP end this process at once and orphan the server on the port.
+    handled = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in (*handled, signal.SIGINT)}
+    for sig in handled:
+        signal.signal(sig, _raise_stop)
+    proc: subprocess.Popen[bytes] | None = None
     try:
+        proc = subprocess.Popen(command, env=env)
         for _ in range(600):
             if proc.poll() is not None:
                 return _fail(f"the Prefect server exited with code {proc.returncode}")
@@ -172,16 +203,23 @@ def cmd_ui(args: argparse.Namespace) -> int:
                 break
             time.sleep(0.5)
         state.write_text(json.dumps({"api_url": api_url, "pid": proc.pid}))
+        wrote_state = True
         print(
             f"Prefect UI: {url}   (PREFECT_HOME={home}; runs started now report here)", flush=True
         )
         return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait()
+    except (KeyboardInterrupt, _Stop):
         return 0
     finally:
-        state.unlink(missing_ok=True)
+        # A second signal must not cut the cleanup short (the wait is bounded by _stop_server).
+        for sig in (*handled, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        if proc is not None:
+            _stop_server(proc)
+        if wrote_state:  # never another `collapse ui`'s (e.g. one that already holds the port)
+            state.unlink(missing_ok=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -247,6 +247,38 @@ def test_the_ui_calls_the_api_on_the_port_it_is_served_on(ui_api: str):
         assert json.loads(resp.read())["api_url"] == ui_api
 
 
+def test_sigterm_stops_collapse_ui_with_its_server(tmp_path: Path):
+    """A service manager's stop (SIGTERM to `collapse ui` alone) leaves no server on the port."""
+    home = tmp_path / "prefect-home"
+    port = _free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "ui", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(home),
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    state = home / "ui-server.json"
+    try:
+        deadline = time.time() + 180
+        while not state.exists():
+            assert ui.poll() is None, "collapse ui exited"
+            assert time.time() < deadline, "the UI server did not start"
+            time.sleep(0.5)
+        server_pid = json.loads(state.read_text())["pid"]
+        os.kill(ui.pid, signal.SIGTERM)  # the process only, not its group
+        assert ui.wait(timeout=60) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(server_pid, 0)
+        assert not state.exists()
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing answers on the port
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(ui.pid, signal.SIGKILL)
+
+
 def test_generations_run_on_a_work_pool_worker(
     tmp_path: Path, home: Path, corpus: Path, reference: Path, ui_api: str
 ):
