@@ -130,7 +130,13 @@ def test_a_run_prints_its_table_and_a_rerun_reuses_everything(reference: Path, h
     [("train:1", "resuming training from checkpoint at step 3"), ("sample:1", "resuming sampling")],
 )
 def test_kill_9_then_resume_equals_uninterrupted(
-    tmp_path: Path, home: Path, corpus: Path, reference: Path, fault: str, resume_line: str
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    home: Path,
+    corpus: Path,
+    reference: Path,
+    fault: str,
+    resume_line: str,
 ):
     root = tmp_path / "artifacts"
     config = make_config(tmp_path, corpus, root)
@@ -148,6 +154,37 @@ def test_kill_9_then_resume_equals_uninterrupted(
     assert output_hashes(root, "corpus/") == output_hashes(reference, "corpus/")
     assert output_hashes(root, "model/") == output_hashes(reference, "model/")
     assert not list(run_dir(root).rglob("*.tmp"))
+    # The killed process's flow runs (experiment and generation 1, and its stage task) are closed
+    # as Crashed by the resumed run, not left Running beside it. The first case's runs used
+    # ephemeral servers; the UI started here serves the second case's runs.
+    api = request.getfixturevalue("ui_api")
+    run_id = run_dir(root).name
+    ours = [  # the run id leaves out the artifact root: the reference run has the same names
+        r
+        for r in _all(api, "flow_runs")
+        if r["name"] in (run_id, f"{run_id}-gen-1")
+        and r["parameters"]["config"]["run"]["artifact_root"] == str(root)
+    ]
+    states = sorted((r["name"], r["state_type"]) for r in ours)
+    assert states == [
+        (run_id, "COMPLETED"),
+        (run_id, "CRASHED"),
+        (f"{run_id}-gen-1", "COMPLETED"),
+        (f"{run_id}-gen-1", "CRASHED"),
+    ]
+    crashed = [r for r in ours if r["state_type"] == "CRASHED"]
+    resumed_id = next(r["id"] for r in ours if r["name"] == run_id and r not in crashed)
+    for run in crashed:
+        assert run["state"]["message"] == (
+            f"superseded: the run was killed and resumed by flow run {resumed_id}"
+        )
+    killed_tasks = _post(
+        f"{api}/task_runs/filter",
+        {"flow_runs": {"id": {"any_": [r["id"] for r in crashed]}}, "limit": 200},
+    )
+    assert killed_tasks and not [t for t in killed_tasks if t["state_type"] == "RUNNING"]
+    stage = fault.split(":")[0]
+    assert {t["name"]: t["state_type"] for t in killed_tasks}[f"{stage}-gen-1"] == "CRASHED"
 
 
 def test_a_corrupted_artifact_is_recomputed_with_everything_after_it(
