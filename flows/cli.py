@@ -42,7 +42,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from flows import prefect_env
 
-    api_url = prefect_env.configure()
+    prefect_env.configure()
+    try:
+        api_url = prefect_env.connect(on_wait=lambda message: print(message, flush=True))
+    except prefect_env.PrefectUnreachable as exc:
+        return _fail(str(exc))
+    shared = bool(os.environ.get("PREFECT_API_URL"))
+    import httpx
+
     from collapse.corpus.sources import CorpusSourceError
     from collapse.judge.client import JudgeStopped
     from collapse.judge.prompts import PromptsUnavailable
@@ -52,13 +59,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.experiment import experiment
 
     run_dir = Path(config.run.artifact_root) / run_id
-    print(f"run {run_id}: {run_dir}  (Prefect: {api_url or 'ephemeral server'})")
+    server = api_url if shared else f"ephemeral server {api_url}"
+    print(f"run {run_id}: {run_dir}  (Prefect: {server})")
     started = time.perf_counter()
     user_errors = (ConfigError, CorpusSourceError, RunLockedError, JudgeStopped, PromptsUnavailable)
     try:
         result = experiment(config_to_dict(config), run_id, args.from_generation)
     except user_errors as exc:
         return _fail(str(exc))
+    except httpx.ConnectError as exc:
+        if prefect_env.server_healthy(api_url):
+            raise  # Prefect is up: something else (a download, the judge) failed to connect
+        fix = (
+            "start it again and rerun (the run resumes where it stopped)"
+            if shared
+            else prefect_env.SHARE_HINT
+        )
+        return _fail(f"lost the Prefect API at {api_url} ({exc}): {fix}")
     seconds = time.perf_counter() - started
     print()
     for summary in result["generations"]:
@@ -195,15 +212,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
         signal.signal(sig, _raise_stop)
     proc: subprocess.Popen[bytes] | None = None
     try:
-        proc = subprocess.Popen(command, env=env)
-        for _ in range(600):
-            if proc.poll() is not None:
-                return _fail(f"the Prefect server exited with code {proc.returncode}")
-            if prefect_env.server_healthy(api_url):
-                break
-            time.sleep(0.5)
-        state.write_text(json.dumps({"api_url": api_url, "pid": proc.pid}))
-        wrote_state = True
+        # Started one at a time with runs' servers (see server_start_lock); a run waiting on the
+        # lock finds the state file written when it gets it, and reports here.
+        with prefect_env.server_start_lock(home, on_wait=lambda m: print(m, flush=True)):
+            proc = subprocess.Popen(command, env=env)
+            for _ in range(600):
+                if proc.poll() is not None:
+                    return _fail(f"the Prefect server exited with code {proc.returncode}")
+                if prefect_env.server_healthy(api_url):
+                    break
+                time.sleep(0.5)
+            state.write_text(json.dumps({"api_url": api_url, "pid": proc.pid}))
+            wrote_state = True
         print(
             f"Prefect UI: {url}   (PREFECT_HOME={home}; runs started now report here)", flush=True
         )

@@ -7,6 +7,7 @@ on a PREFECT_HOME private to this test session.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -428,3 +429,62 @@ def test_a_rejected_judge_key_stops_the_run_with_a_message(
     # what finished before the stop is kept: generation 0's corpus and evaluations
     stages = json.loads((run_dir(root) / "gen-000" / "manifest.json").read_text())["stages"]
     assert "corpus" in stages and "eval.judge" not in stages
+
+
+def test_runs_started_together_start_their_prefect_servers_one_at_a_time(
+    tmp_path: Path, corpus: Path
+):
+    """Runs started at once over one fresh PREFECT_HOME all finish.
+
+    Their ephemeral servers start one at a time (migrations of one SQLite database and random
+    ports drawn together raced); the test holds that start lock itself first, so both runs are
+    seen waiting for it, then lets them go.
+    """
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    procs, outputs = [], []
+    with open(home / "server-start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for i in range(2):
+            data = tiny_config_dict(corpus, tmp_path / f"artifacts-{i}", generations=1)
+            data["run"]["seed"] = 100 + i  # different run ids
+            config = tmp_path / f"tiny-{i}.yaml"
+            config.write_text(yaml.safe_dump(data))
+            outputs.append(tmp_path / f"run-{i}.out")
+            with open(outputs[-1], "w") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "flows.cli", "run", str(config)],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=_env(home),
+                        cwd=tmp_path,
+                        start_new_session=True,
+                    )
+                )
+        try:
+            deadline = time.time() + 180
+            while not all("waiting for another process" in p.read_text() for p in outputs):
+                for proc, path in zip(procs, outputs, strict=True):
+                    text = path.read_text()
+                    assert proc.poll() is None, text
+                    assert "Starting temporary server" not in text, text
+                assert time.time() < deadline, "the runs did not reach the start lock"
+                time.sleep(0.5)
+            # still held: no run has started a server
+            assert not any("Starting temporary server" in p.read_text() for p in outputs)
+        except BaseException:
+            for proc in procs:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    try:
+        codes = [proc.wait(timeout=400) for proc in procs]
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    texts = [p.read_text() for p in outputs]
+    assert codes == [0, 0], "\n\n".join(texts)
+    for text in texts:
+        assert "generation 1: computed" in text
+        assert "Application startup failed" not in text  # no migration race
