@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -91,7 +92,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from flows import prefect_env
 
-    api_url = prefect_env.configure()
+    prefect_env.configure()
+    try:
+        api_url = prefect_env.connect(on_wait=lambda message: print(message, flush=True))
+    except prefect_env.PrefectUnreachable as exc:
+        return _fail(str(exc))
+    shared = bool(os.environ.get("PREFECT_API_URL"))
+    import httpx
+
     from collapse.corpus.sources import CorpusSourceError
     from collapse.judge.client import JudgeStopped
     from collapse.judge.prompts import PromptsUnavailable
@@ -102,7 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.experiment import experiment
 
     run_dir = Path(config.run.artifact_root) / run_id
-    print(f"run {run_id}: {run_dir}  (Prefect: {api_url or 'ephemeral server'})")
+    server = api_url if shared else f"ephemeral server {api_url}"
+    print(f"run {run_id}: {run_dir}  (Prefect: {server})")
     started = time.perf_counter()
     user_errors = (ConfigError, CorpusSourceError, RunLockedError, JudgeStopped, PromptsUnavailable)
     user_errors += (StorageFullError, TokenizerError)
@@ -112,6 +121,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     except user_errors as exc:
         console.stopped = True
         return _fail(str(exc))
+    except httpx.ConnectError as exc:
+        if prefect_env.server_healthy(api_url):
+            raise  # Prefect is up: something else (a download, the judge) failed to connect
+        fix = (
+            "start it again and rerun (the run resumes where it stopped)"
+            if shared
+            else prefect_env.SHARE_HINT
+        )
+        return _fail(f"lost the Prefect API at {api_url} ({exc}): {fix}")
     seconds = time.perf_counter() - started
     print()
     for summary in result["generations"]:
@@ -197,39 +215,83 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stop(Exception):
+    """SIGTERM or SIGHUP reached `collapse ui` (a service manager, `kill`, a closed terminal)."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate the server child and reap it; kill it if it does not stop in time."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
-    """`collapse ui`: Prefect server over the project's PREFECT_HOME on 127.0.0.1."""
+    """`collapse ui`: Prefect server over the project's PREFECT_HOME on 127.0.0.1.
+
+    Stops its server child on Ctrl-C, SIGTERM and SIGHUP, and removes the state file that points
+    runs at it, so no server is left holding the port.
+    """
     from flows import prefect_env
 
     home = prefect_env.prefect_home()
     home.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    env.pop("PREFECT_API_URL", None)
     url = f"http://127.0.0.1:{args.port}"
     api_url = f"{url}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    # The UI page asks /ui-settings where the API is; unset, Prefect answers with the default
+    # port (4200) whatever --port says, and the UI stays blank on any other port.
+    env.pop("PREFECT_UI_API_URL", None)
+    env["PREFECT_SERVER_UI_API_URL"] = api_url
     prefect = Path(sys.executable).with_name("prefect")
     command = [str(prefect) if prefect.exists() else "prefect", "server", "start"]
     command += ["--host", "127.0.0.1", "--port", str(args.port)]
-    proc = subprocess.Popen(command, env=env)
     state = home / prefect_env.UI_STATE
+    wrote_state = False
+    # Without handlers SIGTERM/SIGHUP end this process at once and orphan the server on the port.
+    handled = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in (*handled, signal.SIGINT)}
+    for sig in handled:
+        signal.signal(sig, _raise_stop)
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                return _fail(f"the Prefect server exited with code {proc.returncode}")
-            if prefect_env.server_healthy(api_url):
-                break
-            time.sleep(0.5)
-        state.write_text(json.dumps({"api_url": api_url, "pid": proc.pid}))
+        # Started one at a time with runs' servers (see server_start_lock); a run waiting on the
+        # lock finds the state file written when it gets it, and reports here.
+        with prefect_env.server_start_lock(home, on_wait=lambda m: print(m, flush=True)):
+            proc = subprocess.Popen(command, env=env)
+            for _ in range(600):
+                if proc.poll() is not None:
+                    return _fail(f"the Prefect server exited with code {proc.returncode}")
+                if prefect_env.server_healthy(api_url):
+                    break
+                time.sleep(0.5)
+            state.write_text(json.dumps({"api_url": api_url, "pid": proc.pid}))
+            wrote_state = True
         print(
             f"Prefect UI: {url}   (PREFECT_HOME={home}; runs started now report here)", flush=True
         )
         return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait()
+    except (KeyboardInterrupt, _Stop):
         return 0
     finally:
-        state.unlink(missing_ok=True)
+        # A second signal must not cut the cleanup short (the wait is bounded by _stop_server).
+        for sig in (*handled, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        if proc is not None:
+            _stop_server(proc)
+        if wrote_state:  # never another `collapse ui`'s (e.g. one that already holds the port)
+            state.unlink(missing_ok=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -22,9 +24,25 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.blocks.system import Secret
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterName,
+    FlowRunFilterParentFlowRunId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    TaskRunFilter,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.concurrency.sync import concurrency
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.deployments import run_deployment
+from prefect.states import Crashed
 from transformers.utils import logging as hf_logging
 
 from collapse.config import Config
@@ -159,6 +177,93 @@ def run_generation_remotely(
     return results
 
 
+UNFINISHED = [StateType.RUNNING, StateType.PENDING]
+
+
+def _descendants(client: SyncPrefectClient, root: UUID) -> set[UUID]:
+    """Ids of every subflow run below flow run `root`."""
+    found: set[UUID] = set()
+    frontier = [root]
+    while frontier:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)
+            )
+        )
+        frontier = [child.id for child in children if child.id not in found]
+        found.update(frontier)
+    return found
+
+
+def _artifact_root(flow_run: FlowRun) -> Path | None:
+    """The artifact root a flow run of ours was started with (from its `config` parameter)."""
+    try:
+        return Path(flow_run.parameters["config"]["run"]["artifact_root"]).resolve()
+    except (KeyError, TypeError):
+        return None
+
+
+def crash_stale_flow_runs(run_id: str, artifact_root: str) -> list[str]:
+    """Mark the flow runs of `run_id` that a killed process left Running or Pending as Crashed.
+
+    A process killed with SIGKILL cannot report its end, so its experiment and generation flow
+    runs (and the task running then) would show Running in the UI forever beside the resumed
+    run's. Call this from the experiment flow while it holds the run folder's lock: then no other
+    orchestrating process can be running this run, so any other unfinished flow run of it is dead.
+    Only flow runs of the same run folder count: the run id is a hash of the config without its
+    artifact root, so the same config run under another root (another lock) has the same names.
+    A relative root is taken as relative to this directory, where this PREFECT_HOME's runs start.
+    Flow runs from a deployment are left alone: a worker may still be running them, and the
+    worker's own crash detection is the one that knows.
+
+    Args:
+        run_id: the run whose stale flow runs to close.
+        artifact_root: the run's artifact root (run.artifact_root).
+
+    Returns:
+        The names of the flow runs marked Crashed.
+    """
+    flow_run_context = FlowRunContext.get()
+    if flow_run_context is None or flow_run_context.flow_run is None:
+        return []
+    current = flow_run_context.flow_run.id
+    root = Path(artifact_root).resolve()
+    ours = re.compile(rf"{re.escape(run_id)}(-gen-\d+)?")
+    with get_client(sync_client=True) as client:
+        candidates = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[experiment.name, generation.name])),
+            flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(like_=run_id),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=UNFINISHED)),
+            ),
+        )
+        candidates = [
+            run
+            for run in candidates
+            if ours.fullmatch(run.name)
+            and run.id != current
+            and run.deployment_id is None
+            and _artifact_root(run) == root
+        ]
+        if not candidates:
+            return []
+        mine = _descendants(client, current)
+        stale = [run for run in candidates if run.id not in mine]
+        message = f"superseded: the run was killed and resumed by flow run {current}"
+        for run in stale:
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+        if stale:
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in stale])),
+                task_run_filter=TaskRunFilter(
+                    state=TaskRunFilterState(type=TaskRunFilterStateType(any_=UNFINISHED))
+                ),
+            )
+            for task_run in tasks:
+                client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+    return sorted(run.name for run in stale)
+
+
 @flow(name="experiment", flow_run_name="{run_id}", log_prints=True)
 def experiment(
     config: dict[str, Any], run_id: str, from_generation: int | None = None
@@ -177,6 +282,13 @@ def experiment(
     logger = get_run_logger()
     total = ctx.config.run.generations
     with ctx.store.lock():
+        try:
+            superseded = crash_stale_flow_runs(run_id, ctx.config.run.artifact_root)
+        except Exception as exc:  # housekeeping in the UI must never stop a run
+            logger.warning(f"could not mark the flow runs of a killed earlier run Crashed: {exc}")
+        else:
+            if superseded:
+                logger.info(f"marked Crashed (killed earlier): {', '.join(superseded)}")
         freeze_config(ctx)
         if from_generation is not None:
             invalidate_from(ctx, from_generation)

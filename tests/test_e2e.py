@@ -7,6 +7,7 @@ on a PREFECT_HOME private to this test session.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -128,7 +129,13 @@ def test_a_run_prints_its_table_and_a_rerun_reuses_everything(reference: Path, h
     [("train:1", "resuming training from checkpoint at step 3"), ("sample:1", "resuming sampling")],
 )
 def test_kill_9_then_resume_equals_uninterrupted(
-    tmp_path: Path, home: Path, corpus: Path, reference: Path, fault: str, resume_line: str
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    home: Path,
+    corpus: Path,
+    reference: Path,
+    fault: str,
+    resume_line: str,
 ):
     root = tmp_path / "artifacts"
     config = make_config(tmp_path, corpus, root)
@@ -146,6 +153,37 @@ def test_kill_9_then_resume_equals_uninterrupted(
     assert output_hashes(root, "corpus/") == output_hashes(reference, "corpus/")
     assert output_hashes(root, "model/") == output_hashes(reference, "model/")
     assert not list(run_dir(root).rglob("*.tmp"))
+    # The killed process's flow runs (experiment and generation 1, and its stage task) are closed
+    # as Crashed by the resumed run, not left Running beside it. The first case's runs used
+    # ephemeral servers; the UI started here serves the second case's runs.
+    api = request.getfixturevalue("ui_api")
+    run_id = run_dir(root).name
+    ours = [  # the run id leaves out the artifact root: the reference run has the same names
+        r
+        for r in _all(api, "flow_runs")
+        if r["name"] in (run_id, f"{run_id}-gen-1")
+        and r["parameters"]["config"]["run"]["artifact_root"] == str(root)
+    ]
+    states = sorted((r["name"], r["state_type"]) for r in ours)
+    assert states == [
+        (run_id, "COMPLETED"),
+        (run_id, "CRASHED"),
+        (f"{run_id}-gen-1", "COMPLETED"),
+        (f"{run_id}-gen-1", "CRASHED"),
+    ]
+    crashed = [r for r in ours if r["state_type"] == "CRASHED"]
+    resumed_id = next(r["id"] for r in ours if r["name"] == run_id and r not in crashed)
+    for run in crashed:
+        assert run["state"]["message"] == (
+            f"superseded: the run was killed and resumed by flow run {resumed_id}"
+        )
+    killed_tasks = _post(
+        f"{api}/task_runs/filter",
+        {"flow_runs": {"id": {"any_": [r["id"] for r in crashed]}}, "limit": 200},
+    )
+    assert killed_tasks and not [t for t in killed_tasks if t["state_type"] == "RUNNING"]
+    stage = fault.split(":")[0]
+    assert {t["name"]: t["state_type"] for t in killed_tasks}[f"{stage}-gen-1"] == "CRASHED"
 
 
 def test_slot_sampling_on_the_fast_path_resumes_byte_identical_after_kill_9(
@@ -261,6 +299,45 @@ def test_runs_and_artifacts_are_visible_in_the_ui(home: Path, reference: Path, u
     assert len(_post(f"{ui_api}/flow_runs/filter", {"limit": 200})) > len(runs)
 
 
+def test_the_ui_calls_the_api_on_the_port_it_is_served_on(ui_api: str):
+    """The UI page learns its API URL from /ui-settings; Prefect's default there is port 4200."""
+    assert not ui_api.endswith(":4200/api")  # a free port, so the default would be wrong
+    with urllib.request.urlopen(ui_api.removesuffix("/api") + "/ui-settings", timeout=30) as resp:
+        assert json.loads(resp.read())["api_url"] == ui_api
+
+
+def test_sigterm_stops_collapse_ui_with_its_server(tmp_path: Path):
+    """A service manager's stop (SIGTERM to `collapse ui` alone) leaves no server on the port."""
+    home = tmp_path / "prefect-home"
+    port = _free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "ui", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(home),
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    state = home / "ui-server.json"
+    try:
+        deadline = time.time() + 180
+        while not state.exists():
+            assert ui.poll() is None, "collapse ui exited"
+            assert time.time() < deadline, "the UI server did not start"
+            time.sleep(0.5)
+        server_pid = json.loads(state.read_text())["pid"]
+        os.kill(ui.pid, signal.SIGTERM)  # the process only, not its group
+        assert ui.wait(timeout=60) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(server_pid, 0)
+        assert not state.exists()
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0  # nothing answers on the port
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(ui.pid, signal.SIGKILL)
+
+
 def test_generations_run_on_a_work_pool_worker(
     tmp_path: Path, home: Path, corpus: Path, reference: Path, ui_api: str
 ):
@@ -373,3 +450,60 @@ def test_a_rejected_judge_key_stops_the_run_with_a_message(
     # what finished before the stop is kept: generation 0's corpus and evaluations
     stages = json.loads((run_dir(root) / "gen-000" / "manifest.json").read_text())["stages"]
     assert "corpus" in stages and "eval.judge" not in stages
+
+
+def test_runs_started_together_start_their_prefect_servers_one_at_a_time(
+    tmp_path: Path, corpus: Path
+):
+    """Runs started at once over one fresh PREFECT_HOME all finish.
+
+    Their ephemeral servers start one at a time (migrations of one SQLite database and random
+    ports drawn together raced); the test holds that start lock itself first, so both runs are
+    seen waiting for it, then lets them go.
+    """
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    procs, outputs = [], []
+    with open(home / "server-start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for i in range(2):
+            data = tiny_config_dict(corpus, tmp_path / f"artifacts-{i}", generations=1)
+            data["run"]["seed"] = 100 + i  # different run ids
+            config = tmp_path / f"tiny-{i}.yaml"
+            config.write_text(yaml.safe_dump(data))
+            outputs.append(tmp_path / f"run-{i}.out")
+            with open(outputs[-1], "w") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "flows.cli", "run", str(config)],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=_env(home),
+                        cwd=tmp_path,
+                        start_new_session=True,
+                    )
+                )
+        try:
+            deadline = time.time() + 180
+            while not all("waiting for another process" in p.read_text() for p in outputs):
+                for proc, path in zip(procs, outputs, strict=True):
+                    assert proc.poll() is None, path.read_text()
+                assert not (home / "prefect.db").exists(), "a server started without the lock"
+                assert time.time() < deadline, "the runs did not reach the start lock"
+                time.sleep(0.5)
+            assert not (home / "prefect.db").exists()  # still held: no server has started
+        except BaseException:
+            for proc in procs:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    try:
+        codes = [proc.wait(timeout=400) for proc in procs]
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    texts = [p.read_text() for p in outputs]
+    assert codes == [0, 0], "\n\n".join(texts)
+    for text in texts:
+        assert "generation 1: computed" in text
+        assert "Application startup failed" not in text  # no migration race
