@@ -22,12 +22,13 @@ from pydantic import (
     model_validator,
 )
 
+from collapse.errors import UserError
 from collapse.evals import default_metrics, registry
 from collapse.models.presets import IMPLEMENTATIONS, PRESETS, context_length, resolve_model_fields
 from collapse.sections import PositiveFloat, PositiveInt, Section
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A config that cannot be used; `problems` holds one "dotted.key: message" line each."""
 
     def __init__(self, problems: list[str]):

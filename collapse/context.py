@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from collapse.errors import UserError
 from collapse.store import RunStore
 
 if TYPE_CHECKING:
     from collapse.config import Config
 
 
-class RunNotFoundError(Exception):
+class RunNotFoundError(UserError):
     """A path that is not a run folder (no config.yaml), or a saved config that cannot be read."""
 
 

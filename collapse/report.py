@@ -17,13 +17,14 @@ from typing import Any
 
 from collapse.config import Config
 from collapse.context import Context, RunNotFoundError, open_run, read_result
+from collapse.errors import UserError
 from collapse.evals import Figure, registry
 from collapse.pipeline import metrics_table, table_columns
 from collapse.store import atomic_write_bytes
 from collapse.table import format_cell, markdown_table
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """A report that cannot be made (e.g. a path that is not a run)."""
 
 

@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from collapse.errors import UserError
+
 MANIFEST = "manifest.json"
 CONFIG_FILE = "config.yaml"
 
@@ -89,7 +91,7 @@ def _format_bytes(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
-class StorageFullError(Exception):
+class StorageFullError(UserError):
     """A write failed because the filesystem (or the user's quota on it) is full.
 
     Nothing half-written is left behind (writes are atomic), so finished work stays valid and a
@@ -233,7 +235,7 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another process holds the run's lock."""
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from collapse.errors import UserError
+
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -69,7 +71,7 @@ def train_bpe_tokenizer(
     return _wrap(tok)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """The configured tokenizer cannot be built; the message names `tokenizer.name` and the fix."""
 
 

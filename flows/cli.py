@@ -100,21 +100,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     shared = bool(os.environ.get("PREFECT_API_URL"))
     import httpx
 
-    from collapse.corpus.sources import CorpusSourceError
-    from collapse.judge.client import JudgeStopped
-    from collapse.judge.prompts import PromptsUnavailable
+    from collapse.errors import UserError
     from collapse.pipeline import table_columns
-    from collapse.store import RunLockedError, StorageFullError
     from collapse.table import text_table
-    from collapse.tokenizer import TokenizerError
     from flows.experiment import experiment
 
     run_dir = Path(config.run.artifact_root) / run_id
     server = api_url if shared else f"ephemeral server {api_url}"
     print(f"run {run_id}: {run_dir}  (Prefect: {server})")
     started = time.perf_counter()
-    user_errors = (ConfigError, CorpusSourceError, RunLockedError, JudgeStopped, PromptsUnavailable)
-    user_errors += (StorageFullError, TokenizerError)
+    user_errors = (UserError,)
     console = _console_filter(user_errors)
     try:
         result = experiment(config_to_dict(config), run_id, args.from_generation)

@@ -11,6 +11,7 @@ from typing import Any
 
 from datasets import Dataset, load_dataset
 
+from collapse.errors import UserError
 from collapse.seeding import derive_seed
 
 _LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -22,7 +23,7 @@ _FORMAT_HINTS = {
 }
 
 
-class CorpusSourceError(ValueError):
+class CorpusSourceError(UserError, ValueError):
     """The configured corpus cannot be read; the message says what to fix."""
 
 

@@ -40,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from collapse.errors import UserError
 from collapse.judge.instruction import (
     CRITERIA,
     INSTRUCTION_VERSION,
@@ -160,7 +161,7 @@ class GradeResult:
     attempts: int  # requests sent for this item in this call (0 when cached)
 
 
-class JudgeStopped(Exception):
+class JudgeStopped(UserError):
     """The judge refused the request in a way retrying cannot fix (401, 403, 404, other 4xx)."""
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
+from collapse.errors import UserError
 from collapse.store import atomic_write_bytes
 
 HUB_REPO = "roneneldan/TinyStories"
@@ -34,7 +35,7 @@ _WORD = re.compile(r"\S+")
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*$")
 
 
-class PromptsUnavailable(ValueError):
+class PromptsUnavailable(UserError, ValueError):
     """The requested prompts cannot be obtained; the message says why and what to use instead."""
 
 
