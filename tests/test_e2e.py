@@ -258,24 +258,34 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def ui_api(home: Path, reference: Path):
-    """`collapse ui` on a free port over the test PREFECT_HOME (after the reference run)."""
-    port = _free_port()
-    ui = subprocess.Popen(
+def _start_ui(home: Path, port: int, cwd: Path) -> subprocess.Popen:
+    """`collapse ui --port PORT` over `home`, in a process group of its own."""
+    return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "ui", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=_env(home),
-        cwd=home,
+        cwd=cwd,
         start_new_session=True,
     )
+
+
+def _wait_for_ui(ui: subprocess.Popen, home: Path) -> None:
+    """Until the UI's state file says its server answers."""
+    deadline = time.time() + 180
+    while not (home / "ui-server.json").exists():
+        assert ui.poll() is None, "collapse ui exited"
+        assert time.time() < deadline, "the UI server did not start"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def ui_api(home: Path, reference: Path):
+    """`collapse ui` on a free port over the test PREFECT_HOME (after the reference run)."""
+    port = _free_port()
+    ui = _start_ui(home, port, cwd=home)
     try:
-        deadline = time.time() + 180
-        while not (home / "ui-server.json").exists():
-            assert ui.poll() is None, "collapse ui exited"
-            assert time.time() < deadline, "the UI server did not start"
-            time.sleep(0.5)
+        _wait_for_ui(ui, home)
         yield f"http://127.0.0.1:{port}/api"
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
@@ -310,21 +320,10 @@ def test_sigterm_stops_collapse_ui_with_its_server(tmp_path: Path):
     """A service manager's stop (SIGTERM to `collapse ui` alone) leaves no server on the port."""
     home = tmp_path / "prefect-home"
     port = _free_port()
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "ui", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=_env(home),
-        cwd=tmp_path,
-        start_new_session=True,
-    )
+    ui = _start_ui(home, port, cwd=tmp_path)
     state = home / "ui-server.json"
     try:
-        deadline = time.time() + 180
-        while not state.exists():
-            assert ui.poll() is None, "collapse ui exited"
-            assert time.time() < deadline, "the UI server did not start"
-            time.sleep(0.5)
+        _wait_for_ui(ui, home)
         server_pid = json.loads(state.read_text())["pid"]
         os.kill(ui.pid, signal.SIGTERM)  # the process only, not its group
         assert ui.wait(timeout=60) == 0

@@ -145,27 +145,11 @@ def _pairs(seqs: list[list[int]]) -> np.ndarray:
     return np.array([(s + [0, 0])[:2] for s in seqs])
 
 
-@pytest.mark.parametrize("rng", ["shard", "story"])
-def test_ours_and_generate_sample_the_same_distribution(tiny_model, rng: str):
-    """Two-sample chi-square test of homogeneity on the joint law of the first two tokens.
-
-    4000 samples each from ours and from transformers' `generate(do_sample=True, top_k=0,
-    top_p=1.0)`; a cell is (first token, second token mod 5): 250 cells of ~32 pooled samples
-    on this near-uniform random model; cells with a pooled count under 20 are merged into one,
-    so every expected count is large enough for the chi-square approximation. Under the null (same
-    distribution) p is uniform: the test fails with probability 1e-3 for a correct sampler
-    (seeds are fixed, so it is deterministic here), and a sampler that drops low-probability
-    tokens fails it (checked by hand: top_k=45, dropping the 5 least likely of 50 tokens, gives
-    p ~ 1e-19; top_k=5 gives p = 0). It has little power against temperature on this
-    near-uniform model (0.8 gave p = 0.54): temperature is transformers' own warper.
-    """
-    n = 4000
-    torch.manual_seed(11)
-    stories = (5, torch.arange(n)) if rng == "story" else None
-    ours = _pairs(sample_batch(tiny_model, n, 2, bos_id=0, eos_id=0, stories=stories)[0])
-    torch.manual_seed(12)
+def generate_pairs(model: torch.nn.Module, n: int, seed: int) -> np.ndarray:
+    """First two tokens of `n` samples of transformers' `generate(top_k=0, top_p=1.0)`."""
+    torch.manual_seed(seed)
     with torch.no_grad():
-        generated = tiny_model.generate(
+        generated = model.generate(
             torch.zeros(n, 1, dtype=torch.long),
             attention_mask=torch.ones(n, 1, dtype=torch.long),
             do_sample=True,
@@ -175,8 +159,22 @@ def test_ours_and_generate_sample_the_same_distribution(tiny_model, rng: str):
             pad_token_id=0,
             eos_token_id=0,
         )
-    theirs = generated[:, 1:].numpy()
-    theirs = np.concatenate([theirs, np.zeros((n, 2 - theirs.shape[1]), dtype=theirs.dtype)], 1)
+    pairs = generated[:, 1:].numpy()
+    return np.concatenate([pairs, np.zeros((n, 2 - pairs.shape[1]), dtype=pairs.dtype)], 1)
+
+
+def homogeneity_pvalue(ours: np.ndarray, theirs: np.ndarray) -> float:
+    """Two-sample chi-square test of homogeneity on the joint law of the first two tokens.
+
+    A cell is (first token, second token mod 5): 250 cells of ~32 pooled samples for 4000
+    samples per side on a near-uniform random model with 50 ids; cells with a pooled count
+    under 20 are merged into one, so every expected count is large enough for the chi-square
+    approximation. Under the null (same distribution) p is uniform, so a correct sampler fails
+    `p > 1e-3` with probability 1e-3 (seeds are fixed: deterministic here). A sampler that drops
+    low-probability tokens fails it (checked by hand: top_k=45, dropping the 5 least likely of
+    50 tokens, gives p ~ 1e-19; top_k=5 gives p = 0). It has little power against temperature
+    on this near-uniform model (0.8 gave p = 0.54): temperature is transformers' own warper.
+    """
     codes_ours, codes_theirs = (x[:, 0] * 5 + x[:, 1] % 5 for x in (ours, theirs))
     cells = np.unique(np.concatenate([codes_ours, codes_theirs]))
     a = np.array([(codes_ours == c).sum() for c in cells])
@@ -184,4 +182,14 @@ def test_ours_and_generate_sample_the_same_distribution(tiny_model, rng: str):
     big = a + b >= 20
     table = np.array([[*a[big], a[~big].sum()], [*b[big], b[~big].sum()]])
     assert table.shape[1] > 100  # many cells: the test has power
-    assert stats.chi2_contingency(table).pvalue > 1e-3
+    return float(stats.chi2_contingency(table).pvalue)
+
+
+@pytest.mark.parametrize("rng", ["shard", "story"])
+def test_ours_and_generate_sample_the_same_distribution(tiny_model, rng: str):
+    """4000 samples each from ours and `generate`: see `homogeneity_pvalue`."""
+    n = 4000
+    torch.manual_seed(11)
+    stories = (5, torch.arange(n)) if rng == "story" else None
+    ours = _pairs(sample_batch(tiny_model, n, 2, bos_id=0, eos_id=0, stories=stories)[0])
+    assert homogeneity_pvalue(ours, generate_pairs(tiny_model, n, seed=12)) > 1e-3

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from collapse.config import ModelConfig
 from collapse.corpus.parquet import shard_name
@@ -19,7 +17,7 @@ from collapse.sample import sample_batch, sample_corpus
 from collapse.slot_sampler import sample_stories
 from collapse.store import sha256_file
 
-from .test_sample import _cfg, _pairs, _Tok
+from .test_sample import _cfg, _pairs, _Tok, generate_pairs, homogeneity_pvalue
 
 # window 8 < story lengths: restarted rows must not see the ring buffer of a previous story
 FAST = ModelConfig(
@@ -111,36 +109,11 @@ def test_a_saved_fast_model_samples_the_same_through_both_implementations(
 
 
 def test_slot_sampling_follows_the_model_distribution(fast_model):
-    """The chi-square test of test_sample.py: slots against transformers' `generate`."""
+    """4000 samples through slots against `generate`: see `test_sample.homogeneity_pvalue`."""
     n = 4000
-    ours = _pairs(
-        [
-            t
-            for _, t, _ in sample_stories(
-                fast_model, list(range(n)), key=3, max_new_tokens=2, start_id=0, end_id=0, slots=500
-            )
-        ]
+    found = sample_stories(
+        fast_model, list(range(n)), key=3, max_new_tokens=2, start_id=0, end_id=0, slots=500
     )
+    ours = _pairs([tokens for _, tokens, _ in found])
     reference = build_model(FAST.model_copy(update={"implementation": "transformers"}), 50, 0, 0, 3)
-    torch.manual_seed(12)
-    with torch.no_grad():
-        generated = reference.eval().generate(
-            torch.zeros(n, 1, dtype=torch.long),
-            attention_mask=torch.ones(n, 1, dtype=torch.long),
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=2,
-            pad_token_id=0,
-            eos_token_id=0,
-        )
-    theirs = generated[:, 1:].numpy()
-    theirs = np.concatenate([theirs, np.zeros((n, 2 - theirs.shape[1]), dtype=theirs.dtype)], 1)
-    codes_ours, codes_theirs = (x[:, 0] * 5 + x[:, 1] % 5 for x in (ours, theirs))
-    cells = np.unique(np.concatenate([codes_ours, codes_theirs]))
-    a = np.array([(codes_ours == c).sum() for c in cells])
-    b = np.array([(codes_theirs == c).sum() for c in cells])
-    big = a + b >= 20
-    table = np.array([[*a[big], a[~big].sum()], [*b[big], b[~big].sum()]])
-    assert table.shape[1] > 100
-    assert stats.chi2_contingency(table).pvalue > 1e-3
+    assert homogeneity_pvalue(ours, generate_pairs(reference.eval(), n, seed=12)) > 1e-3
