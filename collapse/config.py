@@ -25,6 +25,7 @@ from pydantic import (
 from collapse.errors import UserError
 from collapse.evals import default_metrics, registry
 from collapse.models.presets import IMPLEMENTATIONS, PRESETS, context_length, resolve_model_fields
+from collapse.objectives import OBJECTIVES, unused_settings
 from collapse.sections import PositiveFloat, PositiveInt, Section
 
 
@@ -152,6 +153,13 @@ class TrainConfig(Section):
         "auto", description="auto: bf16 autocast on CUDA with bf16 support, else fp16; fp32 on CPU."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
+    objective: Literal[tuple(OBJECTIVES)] = Field(  # type: ignore[valid-type]
+        "mle",
+        description="Training objective: "
+        + "; ".join(f"{o.name}: {o.description}" for o in OBJECTIVES.values()),
+    )
+    eta: float = Field(0.5, ge=0, le=1, description="mixce: weight of the MLE part.")
+    gamma: float = Field(0.5, ge=0, le=1, description="tailr: the gamma of TaiLr's weights.")
     checkpoint_every: PositiveInt = Field(200, description="Optimizer steps between checkpoints.")
     deterministic: bool = Field(
         False,
@@ -308,6 +316,7 @@ HASH_NEUTRAL: dict[tuple[str, str], Any] = {
     ("model", "implementation"): "transformers",
     ("sample", "rng"): "shard",
     ("train", "deterministic"): False,
+    ("train", "objective"): "mle",
 }
 
 
@@ -452,11 +461,17 @@ def config_hash(config: Config) -> str:
 
 
 def without_neutral(section: str, values: dict[str, Any]) -> dict[str, Any]:
-    """A section's values without the `HASH_NEUTRAL` keys that hold their neutral value."""
+    """A section's values without those that cannot change a result.
+
+    Those are the `HASH_NEUTRAL` keys holding their neutral value, and in `train` the settings
+    of the objectives that are not chosen (`train.eta` does nothing under `tailr`).
+    """
+    unused = unused_settings(values.get("objective", "mle")) if section == "train" else set()
     return {
         key: value
         for key, value in values.items()
-        if (section, key) not in HASH_NEUTRAL or HASH_NEUTRAL[(section, key)] != value
+        if key not in unused
+        and ((section, key) not in HASH_NEUTRAL or HASH_NEUTRAL[(section, key)] != value)
     }
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from collapse.device import autocast, autocast_dtype, deterministic_algorithms
 from collapse.faults import crash_point
-from collapse.models import implementation_of
+from collapse.objectives import training_loss
 from collapse.seeding import derive_seed
 from collapse.store import atomic_path
 
@@ -110,7 +110,6 @@ def train_model(
     """
     model.to(device)
     model.train()
-    impl = implementation_of(model)
     amp = autocast_dtype(cfg.precision, device)
     steps = total_steps(len(blocks), blocks.shape[1], cfg)
     accum = cfg.effective_batch // cfg.batch_size
@@ -161,7 +160,7 @@ def train_model(
                 idx = order.blocks(first, cfg.batch_size)
                 batch = torch.from_numpy(blocks[idx].astype(np.int64)).to(device, non_blocking=True)
                 with autocast(device, amp):
-                    loss = impl.loss(model, batch) / accum
+                    loss = training_loss(model, batch, cfg) / accum
                 scaler.scale(loss).backward()
                 step_loss += loss.item()
             if cfg.grad_clip is not None:

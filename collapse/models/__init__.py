@@ -79,6 +79,9 @@ class ModelImplementation(Protocol):
     def loss(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32) of full training sequences [batch, seq]."""
 
+    def target_logprobs(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """log p(x_t | x_<t) (fp32, differentiable) of each next token, as [batch * (seq - 1)]."""
+
     def prefill(self, model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Read a prompt; returns the last position's logits [batch, vocab] and a decode state."""
 

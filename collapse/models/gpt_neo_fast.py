@@ -433,11 +433,14 @@ class FastGPTNeo:
         """See `collapse.models.ModelImplementation`: the output head runs in chunks
         (`collapse.models.loss.target_logprobs`), so the micro-batch's logits never exist whole.
         """
+        return -self.target_logprobs(model, input_ids).mean()
+
+    def target_logprobs(self, model: GPTNeoFast, input_ids: torch.Tensor) -> torch.Tensor:
+        """See `collapse.models.ModelImplementation`: the output head runs in chunks."""
         from collapse.models.loss import target_logprobs
 
         hidden = model.hidden(input_ids)[:, :-1].flatten(0, 1)
-        targets = input_ids[:, 1:].flatten()
-        return -target_logprobs(hidden, model.lm_head.weight, targets).mean()
+        return target_logprobs(hidden, model.lm_head.weight, input_ids[:, 1:].flatten())
 
     def prefill(
         self, model: GPTNeoFast, input_ids: torch.Tensor, capacity: int | None = None

@@ -112,6 +112,12 @@ class TransformersGPTNeo:
 
         return token_loss(model(input_ids=input_ids).logits, input_ids)
 
+    def target_logprobs(self, model: GPTNeoForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
+        """See `collapse.models.ModelImplementation`: from the full logits."""
+        logits = model(input_ids=input_ids).logits[:, :-1].float().flatten(0, 1)
+        targets = input_ids[:, 1:].flatten()
+        return logits.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
+
     def prefill(
         self, model: GPTNeoForCausalLM, input_ids: torch.Tensor
     ) -> tuple[torch.Tensor, Any]:
