@@ -25,7 +25,10 @@ from pydantic import (
 from collapse.errors import UserError
 from collapse.evals import default_metrics, registry
 from collapse.models.presets import IMPLEMENTATIONS, PRESETS, context_length, resolve_model_fields
-from collapse.objectives import OBJECTIVES, unused_settings
+from collapse.objectives import OBJECTIVES
+from collapse.objectives import unused_settings as unused_objective_settings
+from collapse.regimes import REGIMES
+from collapse.regimes import unused_settings as unused_regime_settings
 from collapse.sections import PositiveFloat, PositiveInt, Section
 
 
@@ -160,6 +163,17 @@ class TrainConfig(Section):
     )
     eta: float = Field(0.5, ge=0, le=1, description="mixce: weight of the MLE part.")
     gamma: float = Field(0.5, ge=0, le=1, description="tailr: the gamma of TaiLr's weights.")
+    regime: Literal[tuple(REGIMES)] = Field(  # type: ignore[valid-type]
+        "replace",
+        description="Training data of generation g >= 2: "
+        + "; ".join(f"{r.name}: {r.description}" for r in REGIMES.values()),
+    )
+    real_fraction: float = Field(
+        0.1, ge=0, le=1, description="mix: share of human stories in each training corpus."
+    )
+    accumulate_tokens: PositiveInt | None = Field(
+        None, description="accumulate: subsample to this many tokens; null: everything."
+    )
     checkpoint_every: PositiveInt = Field(200, description="Optimizer steps between checkpoints.")
     deterministic: bool = Field(
         False,
@@ -317,6 +331,7 @@ HASH_NEUTRAL: dict[tuple[str, str], Any] = {
     ("sample", "rng"): "shard",
     ("train", "deterministic"): False,
     ("train", "objective"): "mle",
+    ("train", "regime"): "replace",
 }
 
 
@@ -464,9 +479,13 @@ def without_neutral(section: str, values: dict[str, Any]) -> dict[str, Any]:
     """A section's values without those that cannot change a result.
 
     Those are the `HASH_NEUTRAL` keys holding their neutral value, and in `train` the settings
-    of the objectives that are not chosen (`train.eta` does nothing under `tailr`).
+    of the objectives and data regimes that are not chosen (`train.eta` does nothing under
+    `tailr`, `train.real_fraction` nothing under `replace`).
     """
-    unused = unused_settings(values.get("objective", "mle")) if section == "train" else set()
+    unused: set[str] = set()
+    if section == "train":
+        unused = unused_objective_settings(values.get("objective", "mle"))
+        unused |= unused_regime_settings(values.get("regime", "replace"))
     return {
         key: value
         for key, value in values.items()

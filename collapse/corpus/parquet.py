@@ -69,13 +69,24 @@ def token_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return flat, offsets
 
 
+def document_lengths(paths: Sequence[Path]) -> np.ndarray:
+    """Token length of every document of a corpus, in order."""
+    parts = [np.asarray(t.column("length"), dtype=np.int64) for t in iter_tables(paths, ["length"])]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def documents(paths: Sequence[Path]) -> Iterator[list[int]]:
     """Every document's token ids, in order."""
     for table in iter_tables(paths, ["input_ids"]):
         yield from table.column("input_ids").to_pylist()
 
 
-def packed_stream(paths: Sequence[Path], end_id: int, start_id: int | None = None) -> np.ndarray:
+def packed_stream(
+    paths: Sequence[Path],
+    end_id: int,
+    start_id: int | None = None,
+    keep: np.ndarray | None = None,
+) -> np.ndarray:
     """All documents joined into one token stream for training.
 
     With one token for both ends (GPT-2's `<|endoftext|>`, `start_id` None or equal to
@@ -84,11 +95,25 @@ def packed_stream(paths: Sequence[Path], end_id: int, start_id: int | None = Non
     way every document is read after the start token, as sampling and perplexity read it, and
     every end token after a document is a trained target, so models learn to end a story (the
     public code masked it; PROTOCOL.md).
+
+    Args:
+        paths: the corpus shards, in order.
+        end_id: the token that ends a document.
+        start_id: the token a document starts after (None: the same as `end_id`).
+        keep: sorted indices (over the whole corpus) of the documents to pack; None: all.
     """
     shared = start_id is None or start_id == end_id
     pieces = [np.array([end_id], dtype=np.int32)] if shared else []
+    first = 0  # corpus index of the table's first document
     for table in iter_tables(paths, ["input_ids"]):
         flat, offsets = token_arrays(table)
+        if keep is not None:
+            n = len(offsets) - 1
+            local = keep[(keep >= first) & (keep < first + n)] - first
+            first += n
+            lengths = np.diff(offsets)[local]
+            flat = np.concatenate([flat[offsets[i] : offsets[i + 1]] for i in local] or [flat[:0]])
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         if shared:
             pieces.append(np.insert(flat, offsets[1:], end_id).astype(np.int32, copy=False))
             continue

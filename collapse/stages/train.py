@@ -14,6 +14,7 @@ from typing import Any
 
 from collapse.config import without_neutral
 from collapse.context import Context, corpus_digest, corpus_shards, load_run_tokenizer
+from collapse.regimes import REGIMES
 from collapse.stages.base import ChainStage
 
 # Settings that do not change the trained weights.
@@ -34,6 +35,9 @@ def _key(ctx: Context, gen: int) -> list[Any]:
         gen,
         corpus_digest(ctx, gen - 1),
     ]
+    reads = REGIMES[cfg.train.regime].reads(gen)
+    if reads != [gen - 1]:  # the paper's regime keeps its keys; others chain every corpus read
+        parts.append({"corpora": [corpus_digest(ctx, g) for g in reads]})
     if cfg.tokenizer.name.startswith("hub:"):
         # Only a tokenizer with a BOS distinct from EOS packs documents as start, doc, end
         # (collapse.corpus.parquet.packed_stream); GPT-2-style ones keep their old keys.
@@ -45,8 +49,28 @@ def _key(ctx: Context, gen: int) -> list[Any]:
     return parts
 
 
+def training_stream(
+    ctx: Context, gen: int, start_id: int, end_id: int
+) -> tuple[Any, list[dict[str, int]]]:
+    """The packed token stream generation `gen` trains on, and what went into it per corpus."""
+    import functools
+
+    import numpy as np
+
+    from collapse.corpus.parquet import document_lengths, packed_stream
+    from collapse.regimes import describe, select_documents
+    from collapse.seeding import derive_seed
+
+    lengths = functools.cache(lambda g: document_lengths(corpus_shards(ctx, g)))
+    seed = derive_seed(ctx.config.run.seed, "regime", gen)
+    selection = select_documents(gen, ctx.config.train, lengths, seed)
+    pieces = [packed_stream(corpus_shards(ctx, g), end_id, start_id, keep) for g, keep in selection]
+    if start_id == end_id:  # each piece opens with the shared boundary token: keep the first
+        pieces = pieces[:1] + [piece[1:] for piece in pieces[1:]]
+    return np.concatenate(pieces), describe(selection, lengths)
+
+
 def _run(ctx: Context, gen: int, key: str) -> tuple[list[Path], dict[str, Any]]:
-    from collapse.corpus.parquet import packed_stream
     from collapse.device import pick_device
     from collapse.models import build_model, count_parameters, save_model
     from collapse.seeding import derive_seed
@@ -57,7 +81,7 @@ def _run(ctx: Context, gen: int, key: str) -> tuple[list[Path], dict[str, Any]]:
     cfg, store = ctx.config, ctx.store
     tok = load_run_tokenizer(ctx)
     start_id, end_id = special_ids(tok)
-    stream = packed_stream(corpus_shards(ctx, gen - 1), end_id, start_id)
+    stream, corpora = training_stream(ctx, gen, start_id, end_id)
     blocks = make_blocks(stream, cfg.train.seq_len)
     model = build_model(
         cfg.model, len(tok), start_id, end_id, derive_seed(cfg.run.seed, "init", gen)
@@ -87,6 +111,7 @@ def _run(ctx: Context, gen: int, key: str) -> tuple[list[Path], dict[str, Any]]:
     shutil.rmtree(store.train_state_dir(gen), ignore_errors=True)
     info = {k: v for k, v in stats.items() if k != "losses"}
     info["parameters"] = parameters
+    info["corpora"] = corpora
     ctx.log(f"gen {gen}: trained {stats['steps']} steps, final loss {stats['final_loss']:.4f}")
     return [store.model_dir(gen), store.train_stats_path(gen)], info
 
