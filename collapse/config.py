@@ -163,6 +163,9 @@ class TrainConfig(Section):
     )
     eta: float = Field(0.5, ge=0, le=1, description="mixce: weight of the MLE part.")
     gamma: float = Field(0.5, ge=0, le=1, description="tailr: the gamma of TaiLr's weights.")
+    alpha: float = Field(
+        1.0, ge=0, description="unlikelihood: weight of the penalty on repeated tokens."
+    )
     regime: Literal[tuple(REGIMES)] = Field(  # type: ignore[valid-type]
         "replace",
         description="Training data of generation g >= 2: "

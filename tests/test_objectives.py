@@ -10,7 +10,7 @@ import torch
 
 from collapse.config import ConfigError, ModelConfig, TrainConfig, load_config
 from collapse.models import build_model, implementation_of
-from collapse.objectives import OBJECTIVES, training_loss
+from collapse.objectives import OBJECTIVES, training_loss, unlikelihood_term
 
 TINY = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_position_embeddings=64)
 BATCH = torch.randint(0, 50, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -25,7 +25,12 @@ def _grads(implementation: str, **train) -> tuple[float, dict[str, torch.Tensor]
 
 @pytest.mark.parametrize("implementation", ["transformers", "fast"])
 @pytest.mark.parametrize(
-    "limit", [{"objective": "mixce", "eta": 1.0}, {"objective": "tailr", "gamma": 0.0}]
+    "limit",
+    [
+        {"objective": "mixce", "eta": 1.0},
+        {"objective": "tailr", "gamma": 0.0},
+        {"objective": "unlikelihood", "alpha": 0.0},
+    ],
 )
 def test_the_mle_limits_give_the_gradients_of_mle(implementation: str, limit: dict):
     mle_loss, mle = _grads(implementation)
@@ -90,3 +95,29 @@ def test_objective_settings_are_checked_and_keyed_only_when_chosen(tiny_config_f
         run_id_for(load_config(tiny_config_file, ["train.objective=mixce", "train.eta=0.9"]))
         != mixce
     )
+
+
+def test_the_unlikelihood_term_on_a_sequence_with_a_repeated_token():
+    # BOS=0, then 2, 3, 2 over 4 ids with uniform logits: every p = 1/4.
+    # predicting 2 after [0]: candidates {} (0 is special); 3 after [0, 2]: {2};
+    # 2 after [0, 2, 3]: {3} (the target 2 is not a negative). Two penalties of -log(3/4),
+    # averaged over the 3 predicted positions.
+    batch = torch.tensor([[0, 2, 3, 2]])
+    logits = torch.zeros(1, 4, 4)
+    expected = 2 * -torch.log(torch.tensor(0.75)) / 3
+    assert torch.isclose(unlikelihood_term(logits, batch, {0}), expected)
+    # a model sure of the repeated token pays more for it
+    peaked = logits.clone()
+    peaked[0, 1, 2] = 5.0  # after [0, 2] it puts most mass on 2 again
+    assert unlikelihood_term(peaked, batch, {0}) > expected
+
+
+@pytest.mark.parametrize("implementation", ["transformers", "fast"])
+def test_unlikelihood_adds_its_penalty_to_mle(implementation: str):
+    mle_loss, mle = _grads(implementation)
+    loss, grads = _grads(implementation, objective="unlikelihood", alpha=0.5)
+    model = build_model(TINY.model_copy(update={"implementation": implementation}), 50, 0, 0, 1)
+    with torch.no_grad():
+        term = unlikelihood_term(implementation_of(model).logits(model, BATCH), BATCH, {0})
+    assert loss == pytest.approx(mle_loss + 0.5 * term.item(), rel=1e-5)
+    assert not all(torch.allclose(grads[n], mle[n], atol=1e-6) for n in mle)
