@@ -271,6 +271,11 @@ class OrchestrationConfig(Section):
     gpu_concurrency_limit: str | None = Field(
         None, description="Name of a Prefect global concurrency limit held by GPU stages."
     )
+    share_across_runs: bool = Field(
+        True,
+        description="Take a stage another run under run.artifact_root finished under the same "
+        "key (hard links) instead of computing it again.",
+    )
     progress_bars: Literal["auto", "on", "off"] = Field(
         "auto", description="Training/sampling progress bars; auto: when stderr is a terminal."
     )

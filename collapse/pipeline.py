@@ -122,6 +122,10 @@ def _run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
     if record is not None:
         return {**record, "reused": True}
     _drop_downstream(ctx, gen, stage)
+    if ctx.config.orchestration.share_across_runs:
+        shared = _copy_from_sibling(ctx, gen, stage, key)
+        if shared is not None:
+            return {**shared, "reused": True}
     entry = stage_entry(stage)
     if isinstance(entry, ChainStage):
         outputs, info = entry.run(ctx, gen, key)
@@ -129,6 +133,28 @@ def _run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
         info, extra = entry.run(ctx, gen)
         outputs = [write_result(ctx, gen, entry.name, info), *extra]
     return {**ctx.store.record_stage(gen, stage, key, outputs, info), "reused": False}
+
+
+def _copy_from_sibling(ctx: Context, gen: int, stage: str, key: str) -> dict[str, Any] | None:
+    """Take a stage another run under the same artifact root finished under the same key.
+
+    A key chains the content digests of every input with the stage's settings and version, so
+    an equal key means an equal output: e.g. the arms of a sweep that differ only after
+    generation 0 compute their human corpus, tokenizer and generation-0 evaluations once. The
+    files are hard-linked (copied across filesystems) and hashed again before they count.
+    """
+    for other in ctx.store.sibling_runs():
+        record = other.valid_record(gen, stage, key)
+        if record is None:
+            continue
+        copied = ctx.store.adopt_outputs(other, record)
+        if copied is None:  # changed under us (the other run recomputing): compute instead
+            continue
+        ctx.log(f"gen {gen} {stage}: taken from run {other.run_id} (same key)")
+        return ctx.store.record_stage(
+            gen, stage, key, copied, record["info"], copied_from=other.run_id
+        )
+    return None
 
 
 def write_result(ctx: Context, gen: int, name: str, result: dict[str, Any]) -> Path:

@@ -335,8 +335,17 @@ class RunStore:
         key: str,
         outputs: list[Path],
         info: dict[str, Any] | None = None,
+        copied_from: str | None = None,
     ) -> dict[str, Any]:
         """Hash a finished stage's outputs and write its manifest entry (after the outputs).
+
+        Args:
+            generation: the generation.
+            stage: the stage name.
+            key: the stage key the outputs were made under.
+            outputs: files or folders in this run.
+            info: the stage's results and statistics.
+            copied_from: the run the outputs were taken from, if they were.
 
         Returns:
             The stage record: key, outputs (run-relative path -> sha256), digest, info.
@@ -353,6 +362,8 @@ class RunStore:
             "info": info or {},
             "completed_at": now_iso(),
         }
+        if copied_from is not None:
+            record["copied_from"] = copied_from
         manifest = self.read_manifest(generation)
         manifest["stages"][stage] = record
         atomic_write_json(self.manifest_path(generation), manifest)
@@ -368,6 +379,39 @@ class RunStore:
             if not path.is_file() or sha256_file(path) != digest:
                 return None
         return record
+
+    def sibling_runs(self) -> list[RunStore]:
+        """The other runs under the same artifact root (folders with a saved config)."""
+        if not self.root.is_dir():
+            return []
+        return [
+            RunStore(self.root, path.name)
+            for path in sorted(self.root.iterdir())
+            if path.name != self.run_id and (path / CONFIG_FILE).is_file()
+        ]
+
+    def adopt_outputs(self, other: RunStore, record: dict[str, Any]) -> list[Path] | None:
+        """Hard-link (or copy) another run's recorded outputs to the same places in this run.
+
+        Returns:
+            The files, or None when one no longer has its recorded sha256 (then nothing of
+            this stage is kept).
+        """
+        files = []
+        for rel, digest in record["outputs"].items():
+            target = self.run_dir / rel
+            with atomic_path(target) as tmp:
+                tmp.unlink()
+                try:
+                    os.link(other.run_dir / rel, tmp)
+                except OSError:  # another filesystem, or links not allowed
+                    shutil.copyfile(other.run_dir / rel, tmp)
+            if sha256_file(target) != digest:
+                for done in [*files, target]:
+                    done.unlink(missing_ok=True)
+                return None
+            files.append(target)
+        return files
 
     def drop_stage(self, generation: int, stage: str) -> None:
         """Forget a stage (its outputs stay until overwritten)."""
