@@ -373,7 +373,11 @@ def test_generations_run_on_a_work_pool_worker(
         assert any(r["name"] == f"{run_id}-gen-2" and r["deployment_id"] for r in runs)
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a worker slow to stop on busy cores: not under test
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
         log.close()
 
 
