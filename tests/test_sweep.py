@@ -3,6 +3,9 @@ seeds, and (slow) `collapse sweep` / `status --sweep` / `report --sweep` end to 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,8 +30,9 @@ from collapse.sweep_stats import (
     summarize,
     trapezoid_area,
 )
+from flows.sweep import SweepFailed, SweepFailedByUser, sweep_failure
 
-from .conftest import tiny_config_dict, write_story_file
+from .conftest import REPO, tiny_config_dict, write_story_file
 
 GRID = {"train.objective": ["mle", "mixce"], "run.seed": [1, 2]}
 
@@ -173,6 +177,37 @@ def test_missing_input_files_are_reported_before_a_run_starts(tmp_path: Path):
     assert len(load_sweep(path, check_inputs=False).arms) == 2  # status and report still work
 
 
+def _cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PYTHONPATH=str(REPO), PREFECT_HOME=str(cwd / "prefect-home"))
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_the_cli_rejects_bad_sweeps_with_exit_2_and_writes_nothing(tmp_path: Path):
+    bad = _sweep(tmp_path, grid={"train.objective": ["nope"]})
+    for args in (
+        ["sweep", str(bad)],
+        ["status", "--sweep", str(bad)],
+        ["report", "--sweep", str(bad)],
+    ):
+        proc = _cli(tmp_path, *args)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.startswith("collapse: error: invalid sweep")
+        assert "arm objective=nope: train.objective" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    good = _sweep(tmp_path, grid=GRID)
+    mixed = _cli(tmp_path, "run", str(good))
+    assert mixed.returncode == 2 and "is a sweep file: run it with `collapse sweep" in mixed.stderr
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "prefect-home").exists()
+
+
 # --- aggregation over seeds ------------------------------------------------------------------
 
 
@@ -288,3 +323,13 @@ def test_a_run_that_has_not_started_has_an_empty_table(tmp_path: Path):
     assert [row["generation"] for row in table] == [0, 1]
     assert all(row["perplexity"] is None and row["stages_done"] == 0 for row in table)
     assert generations_done(table) == 0
+
+
+def test_a_sweep_fails_with_exit_2_only_when_every_failure_is_the_users():
+    done = {"label": "a", "run_id": "r1", "status": "done", "computed": 0, "stages": 4}
+    in_use = {"label": "b", "run_id": "r2", "status": "failed", "user_error": True, "message": "x"}
+    killed = {**in_use, "label": "c", "run_id": "r3", "user_error": False}
+    assert sweep_failure([done]) is None
+    assert type(sweep_failure([done, in_use])) is SweepFailedByUser
+    assert type(sweep_failure([done, in_use, killed])) is SweepFailed
+    assert "arm c: x" in str(sweep_failure([done, killed]))
