@@ -65,7 +65,8 @@ def report_figures() -> list[Figure]:
     return [figure for entry in registry().values() for figure in entry.figures]
 
 
-def _img(png: bytes, alt: str) -> str:
+def img_tag(png: bytes, alt: str) -> str:
+    """An <img> with the PNG inlined (the page stays one self-contained file)."""
     data = base64.b64encode(png).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
@@ -80,7 +81,7 @@ def _table_html(run: RunData) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
 th,td{border:1px solid #ccc;padding:0.25em 0.6em;text-align:right}
@@ -96,7 +97,7 @@ def render_html(runs: Sequence[RunData], figures: dict[str, bytes | None]) -> st
     parts = [
         "<!DOCTYPE html>",
         f"<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         "<p>Generation 0 is the human corpus; generation <i>g</i> is the model trained from "
         "scratch on generation <i>g</i>-1's corpus and the corpus sampled from it.</p>",
@@ -106,7 +107,7 @@ def render_html(runs: Sequence[RunData], figures: dict[str, bytes | None]) -> st
         if png is None:
             parts.append(f"<p>{html.escape(name)}: skipped (no run has these evaluations)</p>")
         else:
-            parts.append(_img(png, name))
+            parts.append(img_tag(png, name))
     for run in runs:
         parts += [
             f"<h2>Run {html.escape(run.run_id)}</h2>",

@@ -1,4 +1,4 @@
-"""`collapse` command line: run, status, ui.
+"""`collapse` command line: run, sweep, status, report, ui.
 
 User mistakes (bad config, unreadable corpus, a run in use) print a message and exit with code 2,
 without a traceback and before anything is written where possible.
@@ -53,7 +53,7 @@ class _ConsoleFilter(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], self.types))
 
 
-def _console_filter(types: tuple[type[BaseException], ...]) -> _ConsoleFilter:
+def console_filter(types: tuple[type[BaseException], ...]) -> _ConsoleFilter:
     """Install a `_ConsoleFilter` on the console handlers Prefect configured."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
@@ -64,8 +64,42 @@ def _console_filter(types: tuple[type[BaseException], ...]) -> _ConsoleFilter:
     return console
 
 
+def _connect() -> tuple[str, bool] | str:
+    """Point Prefect at a server (see flows.prefect_env).
+
+    Returns:
+        (API URL, whether it is a shared server), or the message to fail with.
+    """
+    from flows import prefect_env
+
+    prefect_env.configure()
+    try:
+        api_url = prefect_env.connect(on_wait=lambda message: print(message, flush=True))
+    except prefect_env.PrefectUnreachable as exc:
+        return str(exc)
+    return api_url, bool(os.environ.get("PREFECT_API_URL"))
+
+
+def _lost_api(exc: Exception, api_url: str, shared: bool) -> str | None:
+    """The message for a connection error that lost the Prefect API, None if Prefect is up."""
+    from flows import prefect_env
+
+    if prefect_env.server_healthy(api_url):
+        return None  # Prefect is up: something else (a download, the judge) failed to connect
+    fix = (
+        "start it again and rerun (the run resumes where it stopped)"
+        if shared
+        else prefect_env.SHARE_HINT
+    )
+    return f"lost the Prefect API at {api_url} ({exc}): {fix}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """`collapse run CONFIG [key=value ...]`."""
+    from collapse.sweep import is_sweep_file
+
+    if is_sweep_file(args.config):
+        return _fail(f"{args.config} is a sweep file: run it with `collapse sweep {args.config}`")
     try:
         config = load_config(args.config, args.overrides, check_inputs=False)
     except ConfigError:
@@ -90,14 +124,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     run_id = run_id_for(config)
 
-    from flows import prefect_env
-
-    prefect_env.configure()
-    try:
-        api_url = prefect_env.connect(on_wait=lambda message: print(message, flush=True))
-    except prefect_env.PrefectUnreachable as exc:
-        return _fail(str(exc))
-    shared = bool(os.environ.get("PREFECT_API_URL"))
+    connected = _connect()
+    if isinstance(connected, str):
+        return _fail(connected)
+    api_url, shared = connected
     import httpx
 
     from collapse.errors import UserError
@@ -110,21 +140,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"run {run_id}: {run_dir}  (Prefect: {server})")
     started = time.perf_counter()
     user_errors = (UserError,)
-    console = _console_filter(user_errors)
+    console = console_filter(user_errors)
     try:
         result = experiment(config_to_dict(config), run_id, args.from_generation)
     except user_errors as exc:
         console.stopped = True
         return _fail(str(exc))
     except httpx.ConnectError as exc:
-        if prefect_env.server_healthy(api_url):
-            raise  # Prefect is up: something else (a download, the judge) failed to connect
-        fix = (
-            "start it again and rerun (the run resumes where it stopped)"
-            if shared
-            else prefect_env.SHARE_HINT
-        )
-        return _fail(f"lost the Prefect API at {api_url} ({exc}): {fix}")
+        message = _lost_api(exc, api_url, shared)
+        if message is None:
+            raise
+        return _fail(message)
     seconds = time.perf_counter() - started
     print()
     for summary in result["generations"]:
@@ -153,6 +179,92 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """`collapse sweep SWEEP.yaml`: every arm as an experiment subflow, then the arm table."""
+    sweep = _load_sweep(args.sweep, check_inputs=True)
+    if isinstance(sweep, str):
+        return _fail(sweep)
+    connected = _connect()
+    if isinstance(connected, str):
+        return _fail(connected)
+    api_url, shared = connected
+    import httpx
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from collapse.errors import UserError
+    from collapse.sweep_report import arm_table, text_grid
+    from flows.sweep import SweepFailed
+    from flows.sweep import sweep as sweep_flow
+
+    runs = [
+        {
+            "label": "; ".join(sweep.labels_of(arm)),
+            "run_id": arm.run_id,
+            "config": config_to_dict(arm.config),
+        }
+        for arm in sweep.runs
+    ]
+    limit = sweep.spec.max_concurrent
+    server = api_url if shared else f"ephemeral server {api_url}"
+    print(
+        f"sweep {sweep.name}: {len(sweep.arms)} arms, {len(runs)} runs, at most {limit} at once"
+        f"  (Prefect: {server})"
+    )
+    print(
+        text_grid(
+            ["arm", "run id", "run folder"],
+            [
+                [r["label"], r["run_id"], str(arm.run_dir)]
+                for r, arm in zip(runs, sweep.runs, strict=True)
+            ],
+        )
+    )
+    started = time.perf_counter()
+    # Failed arms are listed below, one line each; Prefect's tracebacks of them only bury that.
+    console = console_filter((UserError, SweepFailed))
+    failed: SweepFailed | None = None
+    try:
+        # The arms' processes reach this process's Prefect server through the settings they
+        # inherit; a temporary server is otherwise known only to the process that started it.
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            outcomes = sweep_flow(sweep.name, str(sweep.path.resolve()), runs, limit)
+    except SweepFailed as exc:
+        failed, outcomes = exc, exc.outcomes
+    except UserError as exc:
+        console.stopped = True
+        return _fail(str(exc))
+    except httpx.ConnectError as exc:
+        message = _lost_api(exc, api_url, shared)
+        if message is None:
+            raise
+        return _fail(message)
+    seconds = time.perf_counter() - started
+    print()
+    for outcome in outcomes:
+        if outcome["status"] != "done":
+            state = f"failed: {outcome['message']}"
+        elif outcome["computed"] == 0:
+            state = "every generation was reused"
+        else:
+            state = f"computed {outcome['computed']} of {outcome['stages']} stages"
+        print(f"arm {outcome['label']} (run {outcome['run_id']}): {state}")
+    print()
+    print(text_grid(*arm_table(sweep)))
+    print(f"\nreport: {sweep.report_dir.resolve() / 'report.html'}   ({seconds:.1f} s)")
+    if failed is None:
+        return 0
+    console.stopped = True
+    for outcome in outcomes:
+        if outcome["status"] != "done":
+            print(
+                f"collapse: error: arm {outcome['label']} (run {outcome['run_id']}): "
+                + outcome["message"].replace("\n", " "),
+                file=sys.stderr,
+            )
+    # Every failure one the user can fix (a run in use): exit 2, as a `collapse run` would.
+    return EXIT_USAGE if isinstance(failed, UserError) else 1
+
+
 def _stage_state(record: dict[str, Any] | None) -> str:
     if record is None:
         return "-"
@@ -160,12 +272,16 @@ def _stage_state(record: dict[str, Any] | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """`collapse status [RUN]`: per-generation stage table from the manifests."""
+    """`collapse status [RUN | --sweep SWEEP]`: per-generation stage table from the manifests."""
     from collapse.context import RunNotFoundError, open_run
-    from collapse.pipeline import metrics_table, stages_of, table_columns
+    from collapse.pipeline import metrics_table, table_columns
     from collapse.store import CONFIG_FILE, RunStore
     from collapse.table import text_table
 
+    if args.sweep:
+        if args.run is not None:
+            return _fail("give a run or --sweep, not both")
+        return _sweep_status(args.sweep)
     root = Path(args.root)
     if args.run is None:
         runs = sorted(p.name for p in root.glob("*") if (p / CONFIG_FILE).is_file())
@@ -181,22 +297,69 @@ def cmd_status(args: argparse.Namespace) -> int:
         ctx = open_run(run_dir)
     except RunNotFoundError as exc:
         return _fail(str(exc))
-    cfg, store = ctx.config, ctx.store
     print(f"run {run_dir.name}  ({run_dir.resolve()})\n")
-    for gen in range(0, cfg.run.generations + 1):
-        stages = store.read_manifest(gen)["stages"]
-        cells = [f"{name}:{_stage_state(stages.get(name))}" for name in stages_of(ctx, gen)]
-        print(f"gen {gen:>3}  " + "  ".join(cells))
+    print("\n".join(_progress_lines(ctx)))
     print()
-    print(text_table(metrics_table(ctx), table_columns(cfg)))
+    print(text_table(metrics_table(ctx), table_columns(ctx.config)))
+    return 0
+
+
+def _progress_lines(ctx: Any) -> list[str]:
+    """One line per generation: each stage's state from the manifest (done, skipped or -)."""
+    from collapse.pipeline import stages_of
+
+    lines = []
+    for gen in range(0, ctx.config.run.generations + 1):
+        stages = ctx.store.read_manifest(gen)["stages"]
+        cells = [f"{name}:{_stage_state(stages.get(name))}" for name in stages_of(ctx, gen)]
+        lines.append(f"gen {gen:>3}  " + "  ".join(cells))
+    return lines
+
+
+def _load_sweep(path: str, check_inputs: bool) -> Any:
+    """The expanded sweep, or the one-line failure message (a str)."""
+    from collapse.sweep import SweepError, load_sweep
+
+    try:
+        return load_sweep(path, check_inputs=check_inputs)
+    except SweepError as exc:
+        return str(exc)
+
+
+def _sweep_status(path: str) -> int:
+    """`collapse status --sweep SWEEP.yaml`: every arm's run id and stage progress."""
+    from collapse.sweep_report import arm_context, arm_table, text_grid
+
+    sweep = _load_sweep(path, check_inputs=False)
+    if isinstance(sweep, str):
+        return _fail(sweep)
+    print(f"sweep {sweep.name}  ({sweep.path}): {len(sweep.arms)} arms, {len(sweep.runs)} runs\n")
+    for arm in sweep.arms:
+        started = "" if arm.run_dir.is_dir() else "  not started"
+        print(f"arm {arm.label}  run {arm.run_id}  ({arm.run_dir.resolve()}){started}")
+        print("\n".join(_progress_lines(arm_context(arm))))
+        print()
+    print(text_grid(*arm_table(sweep)))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """`collapse report RUN [RUN ...]`: report.html and PNG figures of one run or an overlay."""
+    """`collapse report RUN [RUN ...] | --sweep SWEEP`: report.html and PNG figures."""
     from collapse.report import ReportError, write_report
     from collapse.store import CONFIG_FILE
 
+    if args.sweep:
+        if args.runs or args.out:
+            return _fail("--sweep takes no runs and no --out (it writes to reports/sweep-NAME)")
+        from collapse.sweep_report import write_sweep_report
+
+        sweep = _load_sweep(args.sweep, check_inputs=False)
+        if isinstance(sweep, str):
+            return _fail(sweep)
+        print(f"report: {write_sweep_report(sweep).resolve()}")
+        return 0
+    if not args.runs:
+        return _fail("give one or more runs, or --sweep SWEEP.yaml")
     root = Path(args.root)
     run_dirs = [Path(r) if Path(r).is_dir() else root / r for r in args.runs]
     missing = [str(d) for d in run_dirs if not (d / CONFIG_FILE).is_file()]
@@ -306,14 +469,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute generation G and every later one",
     )
     run.set_defaults(func=cmd_run)
-    status = sub.add_parser("status", help="per-generation stage table of a run")
+    sweep = sub.add_parser("sweep", help="run (or resume) every arm of a sweep")
+    sweep.add_argument("sweep", help="sweep file, e.g. configs/sweeps/mitigation-demo.yaml")
+    sweep.set_defaults(func=cmd_sweep)
+    status = sub.add_parser("status", help="per-generation stage table of a run or a sweep")
     status.add_argument("run", nargs="?", help="run id or run folder (omit to list runs)")
     status.add_argument("--root", default="artifacts", help="artifact root (default: artifacts)")
+    status.add_argument("--sweep", default=None, metavar="SWEEP", help="every arm of a sweep")
     status.set_defaults(func=cmd_status)
-    report = sub.add_parser("report", help="write report.html and figures of runs")
-    report.add_argument("runs", nargs="+", help="run ids or run folders (several: overlay)")
+    report = sub.add_parser("report", help="write report.html and figures of runs or a sweep")
+    report.add_argument("runs", nargs="*", help="run ids or run folders (several: overlay)")
     report.add_argument("--root", default="artifacts", help="artifact root (default: artifacts)")
     report.add_argument("--out", default=None, help="output folder (default: see README)")
+    report.add_argument(
+        "--sweep", default=None, metavar="SWEEP", help="comparison report of a sweep's groups"
+    )
     report.set_defaults(func=cmd_report)
     ui = sub.add_parser("ui", help="start the Prefect UI over this project's runs")
     ui.add_argument("--port", type=int, default=4200)

@@ -10,15 +10,21 @@ import pytest
 import yaml
 
 from collapse.config import ConfigError, config_hash, load_config, run_id_for
+from collapse.sweep import is_sweep_file, load_sweep
 
 from .conftest import REPO
 
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+YAMLS = sorted((REPO / "configs").rglob("*.yaml"))
+SWEEPS = [p for p in YAMLS if is_sweep_file(p)]
+CONFIGS = [p for p in YAMLS if p not in SWEEPS]
 
 
 def test_configs_directory_is_not_empty():
     names = {p.name for p in CONFIGS}
     assert {"demo.yaml", "paper-1m.yaml", "paper-33m.yaml"} <= names
+    assert {p.name for p in SWEEPS} >= {"mitigation-demo.yaml"}
+    # sweep files are recognised by their keys; they live in configs/sweeps/
+    assert all(p.parent.name == "sweeps" for p in SWEEPS)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -26,6 +32,14 @@ def test_every_shipped_config_validates(path: Path):
     config = load_config(path)
     assert config.run.generations >= 1
     assert run_id_for(config).startswith(config.run.name)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_every_shipped_sweep_validates(path: Path):
+    sweep = load_sweep(path)  # every arm's config validated, every problem raised at once
+    assert len(sweep.runs) == len(sweep.arms) >= 2
+    for arm in sweep.arms:
+        assert arm.run_id == run_id_for(arm.config)
 
 
 def test_paper_configs_follow_the_protocol():
