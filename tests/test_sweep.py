@@ -208,6 +208,17 @@ def test_the_cli_rejects_bad_sweeps_with_exit_2_and_writes_nothing(tmp_path: Pat
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "prefect-home").exists()
 
 
+def test_the_readme_sweep_example_is_a_valid_sweep(tmp_path: Path):
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("name: objectives")
+    example = readme[start : readme.index("```", start)]
+    (tmp_path / "demo.yaml").write_text((REPO / "configs" / "demo.yaml").read_text())
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "objectives.yaml").write_text(example)
+    sweep = load_sweep(tmp_path / "sweeps" / "objectives.yaml")
+    assert list(sweep.groups) == ["mle", "mixce", "tailr"] and len(sweep.runs) == 9
+
+
 # --- aggregation over seeds ------------------------------------------------------------------
 
 
