@@ -3,9 +3,15 @@ seeds, and (slow) `collapse sweep` / `status --sweep` / `report --sweep` end to 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,6 +214,17 @@ def test_the_cli_rejects_bad_sweeps_with_exit_2_and_writes_nothing(tmp_path: Pat
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "prefect-home").exists()
 
 
+def test_the_readme_sweep_example_is_a_valid_sweep(tmp_path: Path):
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("name: objectives")
+    example = readme[start : readme.index("```", start)]
+    (tmp_path / "demo.yaml").write_text((REPO / "configs" / "demo.yaml").read_text())
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "objectives.yaml").write_text(example)
+    sweep = load_sweep(tmp_path / "sweeps" / "objectives.yaml")
+    assert list(sweep.groups) == ["mle", "mixce", "tailr"] and len(sweep.runs) == 9
+
+
 # --- aggregation over seeds ------------------------------------------------------------------
 
 
@@ -333,3 +350,173 @@ def test_a_sweep_fails_with_exit_2_only_when_every_failure_is_the_users():
     assert type(sweep_failure([done, in_use])) is SweepFailedByUser
     assert type(sweep_failure([done, in_use, killed])) is SweepFailed
     assert "arm c: x" in str(sweep_failure([done, killed]))
+
+
+# --- end to end through the CLI and Prefect (slow) -------------------------------------------
+
+
+def _manifest_times(sweep) -> dict[tuple[str, str, str], str]:
+    """(run id, generation folder, stage) -> completed_at of every recorded stage."""
+    times = {}
+    for arm in sweep.runs:
+        for manifest in sorted(arm.run_dir.glob("gen-*/manifest.json")):
+            for stage, record in json.loads(manifest.read_text())["stages"].items():
+                times[(arm.run_id, manifest.parent.name, stage)] = record["completed_at"]
+    return times
+
+
+def _stat(pid: int) -> list[str]:
+    """Fields 3.. of /proc/PID/stat (state, parent id, ...); [] when there is no such process."""
+    try:
+        # the command name (field 2) may hold spaces and parentheses: split after its last ')'
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    state = _stat(pid)
+    return bool(state) and state[0] != "Z"  # a zombie has ended, only its exit code is left
+
+
+def _arm_processes(sweep_pid: int) -> set[int]:
+    """The live arm processes (multiprocessing spawn children) of the sweep process."""
+    found = set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        state = _stat(pid)
+        if state and state[0] != "Z" and int(state[1]) == sweep_pid:
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in (entry / "cmdline").read_bytes():
+                    found.add(pid)
+    return found
+
+
+@pytest.mark.slow
+def test_a_sweep_end_to_end_kill_9_resume_status_and_report(tmp_path: Path):
+    """Two objectives x two seeds through `collapse sweep`, two at a time: killed mid-sweep
+    (each arm's process SIGKILLed after its first sampled shard, one run held by another
+    process), rerun (resumes, recomputes nothing finished), status and report, then the sweep
+    process itself killed with its arms' processes running: they die with it."""
+    from .test_e2e import collapse
+
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    # two shards per corpus, so a kill after the first leaves sampling half done
+    sample = {"num_sequences": 40, "batch_size": 20, "shard_size": 20}
+    _base(tmp_path, sample=sample, eval={"metrics": ["perplexity", "entropy"]})
+    path = _sweep(tmp_path, grid=GRID, max_concurrent=2)
+    sweep = load_sweep(path)
+    held, *others = sweep.arms
+
+    held.run_dir.mkdir(parents=True)
+    with open(held.run_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a `collapse run` of the same run would
+        killed = collapse(home, "sweep", str(path), fault="sample:1")
+    assert killed.returncode == 1, killed.stdout + killed.stderr
+    errors = [line for line in killed.stderr.splitlines() if line.startswith("collapse: error:")]
+    assert errors[0] == (
+        f"collapse: error: arm {held.label} (run {held.run_id}): run {held.run_id} is in use by "
+        f"another process (lock: {held.run_dir / '.lock'})"
+    )
+    assert errors[1:] == [
+        f"collapse: error: arm {a.label} (run {a.run_id}): its process was killed by SIGKILL"
+        for a in others
+    ]
+    assert "Traceback" not in killed.stderr
+    for arm in others:  # killed mid-sampling, after training
+        assert (arm.run_dir / "gen-001" / "corpus" / "_progress.json").is_file()
+    finished = _manifest_times(sweep)
+    assert {(run, gen, stage) for run, gen, stage in finished if gen == "gen-001"} == {
+        (a.run_id, "gen-001", "train") for a in others
+    }
+
+    resumed = collapse(home, "sweep", str(path))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    out = resumed.stdout
+    # the held run never started: its generation 0 is taken from the arm with its seed (same
+    # keys: orchestration.share_across_runs), the rest computed
+    assert f"arm {held.label} (run {held.run_id}): computed 4 of 6 stages" in out
+    gen0 = json.loads((held.run_dir / "gen-000" / "manifest.json").read_text())["stages"]
+    assert all("copied_from" in record for record in gen0.values())
+    for arm in others:  # sample and two evaluations; generation 0 and training were kept
+        assert f"arm {arm.label} (run {arm.run_id}): computed 3 of 6 stages" in out
+    assert (resumed.stdout + resumed.stderr).count("resuming sampling") == 3
+    after = _manifest_times(sweep)
+    assert {key: after[key] for key in finished} == finished  # nothing finished was redone
+    for arm in sweep.arms:
+        assert re.search(rf"^{re.escape(arm.label)} +{arm.run_id} +1/1 +\d+\.\d{{3}} ", out, re.M)
+
+    page = sweep.report_dir / "report.html"
+    assert f"report: {page.resolve()}" in out
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 2  # perplexity and entropy
+    assert "objective=mle</th><th>objective=mixce" in text and "2 (1, 2)" in text
+    for name in ("perplexity", "entropy"):
+        assert (sweep.report_dir / "figures" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+
+    status = collapse(home, "status", "--sweep", str(path))
+    assert status.returncode == 0, status.stderr
+    for arm in sweep.arms:
+        assert f"arm {arm.label}  run {arm.run_id}  ({arm.run_dir.resolve()})" in status.stdout
+    progress = "gen   1  train:done  sample:done  eval.perplexity:done  eval.entropy:done"
+    assert status.stdout.count(progress) == 4
+    page.unlink()
+    report = collapse(home, "report", "--sweep", str(path))
+    assert report.returncode == 0 and f"report: {page.resolve()}" in report.stdout
+    assert page.is_file()
+
+    # Same config alone in another folder: the arm's corpus, sampled beside another arm and
+    # resumed after kill -9, is byte for byte the one a run alone samples.
+    arm = others[0]
+    alone = tmp_path / "alone"
+    solo = collapse(
+        home, "run", str(tmp_path / "tiny.yaml"), *arm.overrides, f"run.artifact_root={alone}"
+    )
+    assert solo.returncode == 0, solo.stdout + solo.stderr
+    record = "gen-001/manifest.json"
+    ours = json.loads((arm.run_dir / record).read_text())["stages"]["sample"]["digest"]
+    theirs = json.loads((alone / arm.run_id / record).read_text())["stages"]["sample"]["digest"]
+    assert ours == theirs
+
+    # kill -9 of the sweep process itself while its arms' processes run: they die with it
+    path = _sweep(tmp_path, overrides=["run.generations=3"], grid=GRID, max_concurrent=2)
+    assert _arms_die_with_a_killed_sweep(home, path)
+
+
+def _arms_die_with_a_killed_sweep(home: Path, path: Path) -> bool:
+    """Start `collapse sweep PATH`, SIGKILL it once its arms compute generation 2 (each has
+    generations 2 and 3 left, seconds of work), and whether every arm process is gone within
+    4 s (their watchdogs look once a second)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO))
+    env.pop("COLLAPSE_FAULT", None)
+    log = home / "killed.out"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "sweep", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=home,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 180
+        while "-gen-2' for flow 'generation'" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.time() < deadline, "no arm reached generation 2"
+            time.sleep(0.2)
+        arms = _arm_processes(proc.pid)
+        assert arms, "no arm process found"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 4
+        while any(_alive(p) for p in arms):
+            if time.time() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
