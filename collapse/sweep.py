@@ -86,6 +86,10 @@ class SweepFile(BaseModel):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"arms: names must be unique, {twice} appear more than once")
+        for key, values in self.grid.items():
+            texts = [json.dumps(v, sort_keys=True) for v in values]
+            if len(set(texts)) < len(texts):
+                raise ValueError(f"grid.{key}: lists a value twice: {values}")
         for arm in self.arms:
             both = sorted(set(arm.overrides) & set(self.grid))
             if both:

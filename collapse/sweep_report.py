@@ -24,8 +24,8 @@ from collapse.sweep import Arm, Sweep
 from collapse.sweep_stats import GroupSummary, Spread, Table, band, summarize
 from collapse.table import format_cell
 
-# The evaluation whose first column is the validation perplexity of the doubling generation and
-# the area under the curve.
+# The evaluation whose first column is validation perplexity: the generation where it doubles
+# and the area under its curve are computed on that column.
 PERPLEXITY = "perplexity"
 
 
@@ -104,7 +104,7 @@ def arm_table(sweep: Sweep) -> tuple[list[str], list[list[str]]]:
 
 def text_grid(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2) -> str:
     """Aligned text: the first `left` columns (names) left-aligned, the rest right-aligned."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
         padded = [
@@ -115,7 +115,7 @@ def text_grid(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int =
 
     head = line(headers)
     return "\n".join(
-        [head, "-" * max(len(head), *(len(line(r)) for r in rows)), *(line(r) for r in rows)]
+        [head, "-" * max([len(head), *(len(line(r)) for r in rows)]), *(line(r) for r in rows)]
     )
 
 

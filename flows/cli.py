@@ -196,13 +196,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from flows.sweep import SweepFailed
     from flows.sweep import sweep as sweep_flow
 
+    distinct = sweep.runs  # arms with equal configs are one run, run once
     runs = [
         {
             "label": "; ".join(sweep.labels_of(arm)),
             "run_id": arm.run_id,
             "config": config_to_dict(arm.config),
         }
-        for arm in sweep.runs
+        for arm in distinct
     ]
     limit = sweep.spec.max_concurrent
     server = api_url if shared else f"ephemeral server {api_url}"
@@ -210,15 +211,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"sweep {sweep.name}: {len(sweep.arms)} arms, {len(runs)} runs, at most {limit} at once"
         f"  (Prefect: {server})"
     )
-    print(
-        text_grid(
-            ["arm", "run id", "run folder"],
-            [
-                [r["label"], r["run_id"], str(arm.run_dir)]
-                for r, arm in zip(runs, sweep.runs, strict=True)
-            ],
-        )
-    )
+    listing = [
+        [r["label"], r["run_id"], str(a.run_dir)] for r, a in zip(runs, distinct, strict=True)
+    ]
+    print(text_grid(["arm", "run id", "run folder"], listing))
     started = time.perf_counter()
     # Failed arms are listed below, one line each; Prefect's tracebacks of them only bury that.
     console = console_filter((UserError, SweepFailed))

@@ -138,6 +138,7 @@ def test_a_bad_value_in_one_arm_names_that_arm_and_every_problem_comes_at_once(t
         ({"grid": {}}, "a sweep needs a non-empty `grid` or `arms`"),
         ({}, "a sweep needs a non-empty `grid` or `arms`"),
         ({"grid": {"run.seed": []}}, "grid.run.seed: an axis needs at least one value"),
+        ({"grid": {"run.seed": [1, 2, 1]}}, "grid.run.seed: lists a value twice: [1, 2, 1]"),
         ({"grid": GRID, "max_concurrent": 0}, "max_concurrent: Input should be greater than 0"),
         ({"arms": [{"name": "a"}, {"name": "a"}]}, "names must be unique, ['a']"),
         ({"arms": [{"name": "a", "colour": 1}]}, "arms.0.colour: unknown key"),
