@@ -92,6 +92,23 @@ def load_model(ctx: Context, gen: int, device: Any) -> Any:
     return load(ctx.config.model, ctx.store.model_dir(gen), device)
 
 
+def baseline_model(ctx: Context, device: Any) -> Any:
+    """The run's random-init baseline: a fresh model of its architecture, seeded by the run.
+
+    The paper compares generations with an untrained model of the same architecture; the judge
+    grades it and the downstream evaluation fine-tunes it (as generation 0 of both). One seed for
+    both, so both baselines are the same model.
+    """
+    from collapse.models import build_model
+    from collapse.seeding import derive_seed
+    from collapse.tokenizer import special_ids
+
+    tokenizer = load_run_tokenizer(ctx)
+    start_id, end_id = special_ids(tokenizer)
+    seed = derive_seed(ctx.config.run.seed, "judge-baseline")  # the name predates the reuse
+    return build_model(ctx.config.model, len(tokenizer), start_id, end_id, seed).to(device)
+
+
 def read_result(ctx: Context, gen: int, name: str) -> dict[str, Any] | None:
     """An evaluation's stored result, or None unless the manifest holds a valid record of it.
 

@@ -10,3 +10,17 @@ class UserError(Exception):
     without a traceback; finished work stays valid. Every such error derives from this class,
     so the CLI needs no list of them.
     """
+
+
+def cause_text(exc: BaseException) -> str:
+    """`Type: message` of the root cause of `exc`, on one line (at most ~300 characters).
+
+    Libraries like `datasets` wrap the real error in one whose own message says only that "an
+    error occurred"; what went wrong is in its cause.
+    """
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

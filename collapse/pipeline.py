@@ -17,7 +17,7 @@ from typing import Any
 
 from collapse.config import config_to_dict
 from collapse.context import Context
-from collapse.evals import Column, Evaluation, evaluation, registry
+from collapse.evals import Column, Evaluation, column_value, evaluation, registry, split_stage
 from collapse.stages import CHAIN, ChainStage, chain_stage
 from collapse.store import StorageFullError, atomic_write_json, sha256_json, storage_full
 
@@ -31,8 +31,11 @@ def stage_entry(stage: str) -> ChainStage | Evaluation:
     entry = chain_stage(stage)
     if entry is not None:
         return entry
-    if stage.startswith("eval.") and stage.removeprefix("eval.") in registry():
-        return evaluation(stage)
+    if stage.startswith("eval."):
+        name, part = split_stage(stage)
+        found = registry().get(name)
+        if found is not None and (part is None) == (found.parts is None):
+            return found
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -43,21 +46,22 @@ def stage_key(ctx: Context, gen: int, stage: str) -> str:
         RuntimeError: a stage it reads has not finished.
     """
     entry = stage_entry(stage)
-    parts = entry.key_parts(ctx, gen)
+    part = split_stage(stage)[1] if isinstance(entry, Evaluation) else None
+    parts = entry.key_parts(ctx, gen) if part is None else entry.key_parts(ctx, gen, part)
     return sha256_json({"stage": stage, "version": entry.version, "parts": parts})
 
 
-def gpu_stages() -> list[str]:
-    """Stage names that run a model (they hold the GPU concurrency limit)."""
-    chain = [s.name for s in CHAIN if s.needs_gpu]
-    return chain + [e.stage for e in registry().values() if e.needs_gpu]
+def needs_gpu(stage: str) -> bool:
+    """Whether a stage runs a model (then it holds the GPU concurrency limit)."""
+    return stage_entry(stage).needs_gpu
 
 
 def stages_of(ctx: Context, gen: int) -> list[str]:
     """Stages of a generation in execution order."""
     chain = [s.name for s in CHAIN if s.applies_to(gen)]
-    metrics = [m for m in ctx.config.eval.metrics if evaluation(m).applies_to(ctx.config, gen)]
-    return chain + [f"eval.{m}" for m in metrics]
+    config = ctx.config
+    evals = [evaluation(m) for m in config.eval.metrics]
+    return chain + [s for e in evals if e.applies_to(config, gen) for s in e.stages_for(config)]
 
 
 def valid_record(ctx: Context, gen: int, stage: str) -> dict[str, Any] | None:
@@ -130,8 +134,10 @@ def _run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
     if isinstance(entry, ChainStage):
         outputs, info = entry.run(ctx, gen, key)
     else:
-        info, extra = entry.run(ctx, gen)
-        outputs = [write_result(ctx, gen, entry.name, info), *extra]
+        part = split_stage(stage)[1]
+        info, extra = entry.run(ctx, gen) if part is None else entry.run(ctx, gen, part)
+        name = entry.name if part is None else f"{entry.name}/{part}"
+        outputs = [write_result(ctx, gen, name, info), *extra]
     return {**ctx.store.record_stage(gen, stage, key, outputs, info), "reused": False}
 
 
@@ -158,7 +164,10 @@ def _copy_from_sibling(ctx: Context, gen: int, stage: str, key: str) -> dict[str
 
 
 def write_result(ctx: Context, gen: int, name: str, result: dict[str, Any]) -> Path:
-    """Write an evaluation's result to `gen-NNN/eval/<name>.json` atomically."""
+    """Write an evaluation's result to `gen-NNN/eval/<name>.json` atomically.
+
+    `name` is `<evaluation>` or, for an evaluation with parts, `<evaluation>/<part>`.
+    """
     path = ctx.store.eval_path(gen, name)
     atomic_write_json(path, {"metric": name, "generation": gen, **result})
     return path
@@ -208,9 +217,10 @@ def metrics_table(ctx: Context, generations: int | None = None) -> list[dict[str
         stages = ctx.store.read_manifest(gen)["stages"]
         row: dict[str, Any] = {"generation": gen}
         for m in ctx.config.eval.metrics:
-            info = stages.get(f"eval.{m}", {}).get("info", {})
-            for column in evaluation(m).columns_for(ctx.config):
-                row[column.key] = info.get(column.source)
+            entry = evaluation(m)
+            result = entry.result_of(stages, ctx.config)
+            for column in entry.columns_for(ctx.config):
+                row[column.key] = column_value(result, column.source)
         expected = stages_of(ctx, gen)
         row["stages_done"] = sum(s in stages for s in expected)
         row["stages_total"] = len(expected)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from collapse.context import Context
-from collapse.evals import Column, Evaluation, evaluation, registry
+from collapse.evals import Column, Evaluation, column_value, evaluation, registry
 from collapse.pipeline import stages_of, table_columns, valid_record
 from collapse.plotting import new_figure, png
 from collapse.report import CSS, img_tag
@@ -43,12 +43,15 @@ def run_table(ctx: Context) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"generation": gen}
         for name in ctx.config.eval.metrics:
             entry = evaluation(name)
-            record = None
-            if entry.stage in recorded and entry.applies_to(ctx.config, gen):
-                record = valid_record(ctx, gen, entry.stage)
-            info = record["info"] if record else {}
+            valid: dict[str, Any] = {}
+            if entry.applies_to(ctx.config, gen):
+                for stage in entry.stages_for(ctx.config):
+                    record = valid_record(ctx, gen, stage) if stage in recorded else None
+                    if record is not None:
+                        valid[stage] = record
+            result = entry.result_of(valid, ctx.config)
             for column in entry.columns_for(ctx.config):
-                row[column.key] = info.get(column.source)
+                row[column.key] = column_value(result, column.source)
         expected = stages_of(ctx, gen)
         row["stages_done"] = sum(s in recorded for s in expected)
         row["stages_total"] = len(expected)

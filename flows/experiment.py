@@ -50,9 +50,9 @@ from collapse.context import Context
 from collapse.device import prepare_deterministic
 from collapse.pipeline import (
     freeze_config,
-    gpu_stages,
     invalidate_from,
     metrics_table,
+    needs_gpu,
     run_stage,
     stage_key,
     stages_of,
@@ -116,7 +116,7 @@ def stage(config: dict[str, Any], run_id: str, gen: int, name: str, cache_key: s
     """Run one stage (or return its valid record) and return a small summary."""
     ctx = make_context(config, run_id)
     limit = ctx.config.orchestration.gpu_concurrency_limit
-    holds_gpu = limit is not None and name in gpu_stages()
+    holds_gpu = limit is not None and needs_gpu(name)
     with concurrency(limit) if holds_gpu else contextlib.nullcontext():
         record = run_stage(ctx, gen, name)
     return stage_summary(gen, name, record, record["reused"])

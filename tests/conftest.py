@@ -140,6 +140,7 @@ def tiny_run(tmp_path_factory, judge_server: JudgeServer) -> Iterator[Context]:
     data["eval"] = {
         "metrics": list(registry()),
         "excerpts": {"count": 4},
+        "downstream": {"tasks": ["word_order", "coherence"], "max_train_examples": 24},
         "judge": {
             "model": "test-judge",
             "base_url": judge_server.base_url,

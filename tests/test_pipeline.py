@@ -20,10 +20,10 @@ from .conftest import PLANTED_KEY, run_all
 from .judge_server import JudgeServer, grades_for
 
 
-def test_every_registered_evaluation_is_offered_and_on_by_default():
+def test_every_registered_evaluation_is_offered_and_the_cheap_ones_on_by_default():
     names = ["perplexity", "entropy", "oov", "diversity", "excerpts", "judge"]
-    assert list(registry()) == names
-    assert EvalConfig().metrics == names
+    assert list(registry()) == [*names, "downstream"]
+    assert EvalConfig().metrics == names  # downstream needs the hub and hours: chosen only
 
 
 def test_every_evaluation_writes_its_result(tiny_run: Context):
@@ -35,6 +35,8 @@ def test_every_evaluation_writes_its_result(tiny_run: Context):
         "eval.diversity",
         "eval.excerpts",
         "eval.judge",  # the random-init baseline
+        "eval.downstream/word_order",  # fine-tuned from the random-init baseline
+        "eval.downstream/coherence",
     ]
     for gen in (0, 1, 2):
         for stage in stages_of(ctx, gen)[1 if gen == 0 else 2 :]:

@@ -69,9 +69,10 @@ def test_single_run_report_has_every_figure_and_table(tiny_run: Context):
     for src in parsed.images:  # self-contained: inline data, no file or network references
         assert src.startswith("data:image/png;base64,")
         assert _non_blank(base64.b64decode(src.split(",", 1)[1]))
-    assert parsed.tables == 3  # metrics table, excerpts, judged completions
-    # header + 3 generations; 3 excerpts per generation; 2 judged completions per generation
-    assert parsed.rows == (1 + 3) + (1 + 3 * 3) + (1 + 3 * 2)
+    assert parsed.tables == 4  # metrics table, excerpts, judged completions, downstream tasks
+    # header + 3 generations; 3 excerpts per generation; 2 judged completions per generation;
+    # header + one row per downstream task
+    assert parsed.rows == (1 + 3) + (1 + 3 * 3) + (1 + 3 * 2) + (1 + 2)
 
 
 def test_overlay_of_two_runs_goes_to_its_own_folder(tiny_run: Context, tmp_path: Path):
@@ -81,7 +82,7 @@ def test_overlay_of_two_runs_goes_to_its_own_folder(tiny_run: Context, tmp_path:
     page = write_report([tiny_run.store.run_dir, other])
     assert page == tiny_run.store.run_dir.parent / "reports" / "tiny+tiny-copy" / "report.html"
     parsed = _parse(page)
-    assert len(parsed.images) == len(FIGURES) and parsed.tables == 6
+    assert len(parsed.images) == len(FIGURES) and parsed.tables == 8
     shutil.rmtree(other)
 
 

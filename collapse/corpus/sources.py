@@ -11,7 +11,7 @@ from typing import Any
 
 from datasets import Dataset, load_dataset
 
-from collapse.errors import UserError
+from collapse.errors import UserError, cause_text
 from collapse.seeding import derive_seed
 
 _LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -27,20 +27,6 @@ class CorpusSourceError(UserError, ValueError):
     """The configured corpus cannot be read; the message says what to fix."""
 
 
-def _reason(exc: BaseException) -> str:
-    """`Type: message` of the root cause of `exc`, on one line.
-
-    `datasets` wraps parse errors in a DatasetGenerationError whose own message says only that
-    "an error occurred"; what went wrong is in its cause.
-    """
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = " ".join(str(exc).split())
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _hub(cfg: Any) -> tuple[Dataset, Dataset | None]:
     try:
         train = load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split)
@@ -52,7 +38,7 @@ def _hub(cfg: Any) -> tuple[Dataset, Dataset | None]:
     except Exception as exc:  # the hub raises many types; all mean "cannot load"
         raise CorpusSourceError(
             f"corpus.dataset: cannot load {cfg.dataset!r} from the Hugging Face hub "
-            f"({_reason(exc)}); check the id and network, or use "
+            f"({cause_text(exc)}); check the id and network, or use "
             "corpus.source: synthetic | local"
         ) from None
     return train, val
@@ -84,7 +70,7 @@ def _local(cfg: Any) -> Dataset:
         return load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # pyarrow, datasets and the OS raise many types; all mean "unreadable"
         raise CorpusSourceError(
-            f"corpus.path: cannot read {str(path)!r} as {path.suffix} ({_reason(exc)}); "
+            f"corpus.path: cannot read {str(path)!r} as {path.suffix} ({cause_text(exc)}); "
             f"{_FORMAT_HINTS[builder]}"
         ) from exc
 

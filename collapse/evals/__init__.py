@@ -17,9 +17,18 @@ import pkgutil
 from importlib.metadata import entry_points
 from typing import Any
 
-from collapse.evals.base import Column, Evaluation, Figure
+from collapse.evals.base import Column, Evaluation, Figure, column_value
 
-__all__ = ["ENTRY_POINT_GROUP", "Column", "Evaluation", "Figure", "evaluation", "registry"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Column",
+    "Evaluation",
+    "Figure",
+    "column_value",
+    "evaluation",
+    "registry",
+    "split_stage",
+]
 
 ENTRY_POINT_GROUP = "collapse.evaluations"
 
@@ -58,9 +67,15 @@ def registry() -> dict[str, Evaluation]:
     return by_name
 
 
+def split_stage(stage: str) -> tuple[str, str | None]:
+    """(evaluation name, part or None) of `<name>`, `eval.<name>` or `eval.<name>/<part>`."""
+    name, _, part = stage.removeprefix("eval.").partition("/")
+    return name, part or None
+
+
 def evaluation(name: str) -> Evaluation:
-    """The registry entry of evaluation `name` (or of its stage, `eval.<name>`)."""
-    return registry()[name.removeprefix("eval.")]
+    """The registry entry of evaluation `name` (or of its stage, `eval.<name>[/<part>]`)."""
+    return registry()[split_stage(name)[0]]
 
 
 def default_metrics() -> list[str]:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collapse.context import Context
     from collapse.sections import Section
 
 
@@ -27,6 +26,15 @@ class Column:
     header: str  # short header for the terminal table
     fmt: str = ".3f"
     higher_is_better: bool | None = None  # None: neither (e.g. entropy rises then falls)
+
+
+def column_value(result: dict[str, Any], source: str) -> Any:
+    """The value a column's `source` names in a result: a key, or `<part>.<key>`."""
+    if source in result:
+        return result[source]
+    part, _, key = source.partition(".")
+    inner = result.get(part)
+    return inner.get(key) if key and isinstance(inner, dict) else None
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,11 @@ class Evaluation:
         report_section: HTML for the report's per-run part (e.g. excerpts), or None.
         applies: which generations it runs on, when not "all, or all but 0".
         check: cross-section config problems ("dotted.key: message"), when it is configured.
+        parts: for an evaluation made of independent jobs (e.g. one fine-tune per downstream
+            task), their names under a config. Each part is a stage of its own,
+            `eval.<name>/<part>`, with its own key, record and result file
+            `gen-NNN/eval/<name>/<part>.json`; `key_parts` and `run` then take the part as a
+            third argument, and a column's `source` reads `<part>.<key>`.
     """
 
     name: str
@@ -64,8 +77,8 @@ class Evaluation:
     version: int
     needs_gpu: bool
     on_human_corpus: bool
-    key_parts: Callable[[Context, int], list[Any]]
-    run: Callable[[Context, int], tuple[dict[str, Any], list[Path]]]
+    key_parts: Callable[..., list[Any]]  # (ctx, gen) or, with parts, (ctx, gen, part)
+    run: Callable[..., tuple[dict[str, Any], list[Path]]]  # as key_parts
     order: int = 100
     default: bool = True
     settings: type[Section] | None = None
@@ -74,6 +87,7 @@ class Evaluation:
     report_section: Callable[[Any], str | None] | None = None
     applies: Callable[[Any, int], bool] | None = None
     check: Callable[[Any], list[str]] | None = None
+    parts: Callable[[Any], list[str]] | None = None
 
     @property
     def stage(self) -> str:
@@ -85,6 +99,25 @@ class Evaluation:
         if self.applies is not None:
             return self.applies(config, gen)
         return gen > 0 or self.on_human_corpus
+
+    def stages_for(self, config: Any) -> list[str]:
+        """Its stage names under `config`: `eval.<name>`, or one `eval.<name>/<part>` per part."""
+        if self.parts is None:
+            return [self.stage]
+        return [f"{self.stage}/{part}" for part in self.parts(config)]
+
+    def result_of(self, stages: dict[str, Any], config: Any) -> dict[str, Any]:
+        """Its result values from a manifest's `stages` ({} where it has not run).
+
+        An evaluation with parts gives `{part: values}`, so a column source `<part>.<key>`
+        reads one part's value.
+        """
+        if self.parts is None:
+            return stages.get(self.stage, {}).get("info", {})
+        return {
+            part: stages.get(f"{self.stage}/{part}", {}).get("info", {})
+            for part in self.parts(config)
+        }
 
     def columns_for(self, config: Any) -> tuple[Column, ...]:
         """The table columns under `config`."""

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 
 from collapse.context import (
     Context,
+    baseline_model,
     corpus_digest,
     load_model,
     load_run_tokenizer,
@@ -174,14 +175,8 @@ def _seed(ctx: Context, *parts: Any) -> int:
     return derive_seed(ctx.config.run.seed, *parts)
 
 
-def _model(ctx: Context, gen: int, device: Any, start_id: int, end_id: int) -> Any:
-    from collapse.models import build_model
-
-    if gen > 0:
-        return load_model(ctx, gen, device)
-    vocab = len(load_run_tokenizer(ctx))
-    seed = _seed(ctx, "judge-baseline")
-    return build_model(ctx.config.model, vocab, start_id, end_id, seed).to(device)
+def _model(ctx: Context, gen: int, device: Any) -> Any:
+    return load_model(ctx, gen, device) if gen > 0 else baseline_model(ctx, device)
 
 
 def prompt_room(config: Any) -> int:
@@ -203,7 +198,7 @@ def _completions(ctx: Context, gen: int, prompts: list[str]) -> pa.Table:
     device = pick_device(ctx.config.eval.device)
     tok = load_run_tokenizer(ctx)
     start_id, end_id = special_ids(tok)
-    model = _model(ctx, gen, device, start_id, end_id).eval()
+    model = _model(ctx, gen, device).eval()
     room = prompt_room(ctx.config)  # > 0: the config rejects settings that leave none
     rows: dict[str, list[Any]] = {k: [] for k in ("prompt_index", "completion_index", "prompt")}
     rows.update(completion=[], tokens=[], finished=[])

@@ -33,6 +33,7 @@ __all__ = [
     "context_length",
     "count_parameters",
     "decode_step",
+    "features",
     "implementation",
     "implementation_of",
     "load_model",
@@ -81,6 +82,12 @@ class ModelImplementation(Protocol):
 
     def target_logprobs(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """log p(x_t | x_<t) (fp32, differentiable) of each next token, as [batch * (seq - 1)]."""
+
+    def features(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final hidden states [batch, seq, hidden] (what the output head reads).
+
+        Rows may be right-padded: attention is causal, so a real position never sees a pad.
+        """
 
     def prefill(self, model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Read a prompt; returns the last position's logits [batch, vocab] and a decode state."""
@@ -148,6 +155,11 @@ def count_parameters(model: Any) -> dict[str, int]:
 def logits(model: Any, input_ids: Any, attention_mask: Any = None) -> torch.Tensor:
     """Logits of every position (see `ModelImplementation.logits`)."""
     return implementation_of(model).logits(model, input_ids, attention_mask)
+
+
+def features(model: Any, input_ids: Any) -> torch.Tensor:
+    """Final hidden states of every position (see `ModelImplementation.features`)."""
+    return implementation_of(model).features(model, input_ids)
 
 
 def prefill(model: Any, input_ids: Any) -> tuple[torch.Tensor, Any]:

@@ -442,6 +442,10 @@ class FastGPTNeo:
         hidden = model.hidden(input_ids)[:, :-1].flatten(0, 1)
         return target_logprobs(hidden, model.lm_head.weight, input_ids[:, 1:].flatten())
 
+    def features(self, model: GPTNeoFast, input_ids: torch.Tensor) -> torch.Tensor:
+        """See `collapse.models.ModelImplementation`."""
+        return model.hidden(input_ids)
+
     def prefill(
         self, model: GPTNeoFast, input_ids: torch.Tensor, capacity: int | None = None
     ) -> tuple[torch.Tensor, DecodeState]:

@@ -118,6 +118,10 @@ class TransformersGPTNeo:
         targets = input_ids[:, 1:].flatten()
         return logits.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
 
+    def features(self, model: GPTNeoForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
+        """See `collapse.models.ModelImplementation`: what `GPTNeoModel` returns."""
+        return model.transformer(input_ids=input_ids).last_hidden_state
+
     def prefill(
         self, model: GPTNeoForCausalLM, input_ids: torch.Tensor
     ) -> tuple[torch.Tensor, Any]:
