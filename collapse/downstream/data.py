@@ -6,7 +6,9 @@ out like the hub repository take the very same call, so the offline tests exerci
 
 from __future__ import annotations
 
+import contextlib
 import random
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,22 +42,33 @@ class Examples:
         return Examples([self.texts[i] for i in keep], [self.labels[i] for i in keep])
 
 
-def _hub_split(name: str, spec: TaskSpec, split: str) -> Any:
+def _hub_split(name: str, spec: TaskSpec, split: str) -> Examples:
     from datasets import load_dataset
 
-    try:
-        return load_dataset(spec.dataset, spec.config, split=split, revision=spec.revision)
-    except Exception as exc:  # the hub and `datasets` raise many types; all mean "cannot load"
-        what = spec.dataset + (f" ({spec.config})" if spec.config else "")
-        raise DownstreamTaskError(
-            f"eval.downstream: task {name!r} cannot load split {split!r} of {what} "
-            f"({cause_text(exc)}). Without hub access, download the dataset and point the task at "
-            f"the copy: eval.downstream.task_table.{name}.dataset=/path/to/folder (laid out like "
-            f"the hub repository), or source: local with data_files per split"
-        ) from None
+    folder = Path(spec.dataset or "").expanduser()
+    with contextlib.ExitStack() as stack:
+        kwargs: dict[str, Any] = {}
+        if folder.is_dir():
+            # `datasets` names its cache of a local folder after the folder's name and layout
+            # only, so two copies named alike (or a copy edited in place) would read each
+            # other's cached rows: a local folder is converted afresh in a private cache.
+            kwargs["cache_dir"] = stack.enter_context(tempfile.TemporaryDirectory())
+        try:
+            ds = load_dataset(
+                spec.dataset, spec.config, split=split, revision=spec.revision, **kwargs
+            )
+        except Exception as exc:  # the hub and `datasets` raise many types: "cannot load"
+            what = spec.dataset + (f" ({spec.config})" if spec.config else "")
+            raise DownstreamTaskError(
+                f"eval.downstream: task {name!r} cannot load split {split!r} of {what} "
+                f"({cause_text(exc)}). Without hub access, download the dataset and point the "
+                f"task at the copy: eval.downstream.task_table.{name}.dataset=/path/to/folder "
+                "(laid out like the hub repository), or source: local with data_files per split"
+            ) from None
+        return _from_dataset(name, spec, split, ds)  # read before the private cache goes
 
 
-def _local_split(name: str, spec: TaskSpec, split: str) -> Any:
+def _local_split(name: str, spec: TaskSpec, split: str) -> Examples:
     from datasets import load_dataset
 
     pattern = (spec.data_files or {})[split]
@@ -67,9 +80,10 @@ def _local_split(name: str, spec: TaskSpec, split: str) -> Any:
         )
     kwargs = {"delimiter": "\t"} if pattern.endswith(".tsv") else {}
     try:
-        return load_dataset(builder, data_files=pattern, split="train", **kwargs)
+        ds = load_dataset(builder, data_files=pattern, split="train", **kwargs)
     except Exception as exc:  # missing file, parse errors: all mean "cannot read"
         raise DownstreamTaskError(f"{key}: cannot read {pattern!r} ({cause_text(exc)})") from None
+    return _from_dataset(name, spec, split, ds)
 
 
 def _from_dataset(name: str, spec: TaskSpec, split: str, ds: Any) -> Examples:
@@ -126,7 +140,4 @@ def load_task(
             )
         return train, held
     load = _hub_split if spec.source == "hub" else _local_split
-    return tuple(  # type: ignore[return-value]
-        _from_dataset(name, spec, split, load(name, spec, split))
-        for split in (spec.train_split, spec.eval_split)
-    )
+    return load(name, spec, spec.train_split), load(name, spec, spec.eval_split)
