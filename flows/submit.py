@@ -296,7 +296,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     api_url = _connect()
     if isinstance(api_url, int):
         return api_url
-    code_dir = Path(os.environ.get("COLLAPSE_CODE_DIR") or CODE_DIR).resolve()
+    # Where the workers find the code (resolved into the deployments' pull step): this checkout
+    # for workers on this machine, /opt/collapse for the Docker image's.
+    code_dir = Path(args.code_dir or os.environ.get("COLLAPSE_CODE_DIR") or CODE_DIR)
     declared = yaml.safe_load(PREFECT_FILE.read_text())["deployments"]
     pools = sorted({d["work_pool"]["name"] for d in declared})
 
@@ -361,5 +363,12 @@ def add_parsers(sub: Any) -> None:
         default=None,
         metavar="N",
         help="run at most N flow runs at once on each pool (the rest wait, queued)",
+    )
+    deploy.add_argument(
+        "--code-dir",
+        default=None,
+        metavar="DIR",
+        help="where workers find this code (default: $COLLAPSE_CODE_DIR, else this checkout; "
+        "/opt/collapse in the Docker image)",
     )
     deploy.set_defaults(func=cmd_deploy)
