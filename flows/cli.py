@@ -1,4 +1,4 @@
-"""`collapse` command line: run, sweep, status, report, ui.
+"""`collapse` command line: run, sweep, status, report, ui, submit, deploy.
 
 User mistakes (bad config, unreadable corpus, a run in use) print a message and exit with code 2,
 without a traceback and before anything is written where possible.
@@ -484,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="start the Prefect UI over this project's runs")
     ui.add_argument("--port", type=int, default=4200)
     ui.set_defaults(func=cmd_ui)
+    from flows.submit import add_parsers  # runs on a work pool: flows/submit.py
+
+    add_parsers(sub)
     return parser
 
 

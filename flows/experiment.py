@@ -35,6 +35,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
     TaskRunFilter,
+    TaskRunFilterId,
     TaskRunFilterState,
     TaskRunFilterStateType,
 )
@@ -213,8 +214,12 @@ def crash_stale_flow_runs(run_id: str, artifact_root: str) -> list[str]:
     Only flow runs of the same run folder count: the run id is a hash of the config without its
     artifact root, so the same config run under another root (another lock) has the same names.
     A relative root is taken as relative to this directory, where this PREFECT_HOME's runs start.
-    Flow runs from a deployment are left alone: a worker may still be running them, and the
-    worker's own crash detection is the one that knows.
+    Generation flow runs from a deployment are left alone: a worker may still be running them
+    while no process holds the lock, and the worker's own crash detection is the one that knows.
+    Experiment flow runs from a deployment (`collapse submit`) hold the lock, so they count. So
+    do unfinished subflow runs of this very flow run: nothing of this attempt has started yet,
+    so they are an earlier attempt's (a flow run retried after its worker was lost); their
+    tracking task runs are closed too, so this attempt starts fresh generation flow runs.
 
     Args:
         run_id: the run whose stale flow runs to close.
@@ -242,25 +247,27 @@ def crash_stale_flow_runs(run_id: str, artifact_root: str) -> list[str]:
             for run in candidates
             if ours.fullmatch(run.name)
             and run.id != current
-            and run.deployment_id is None
+            and (run.deployment_id is None or run.flow_id == flow_run_context.flow_run.flow_id)
             and _artifact_root(run) == root
         ]
         if not candidates:
             return []
-        mine = _descendants(client, current)
-        stale = [run for run in candidates if run.id not in mine]
+        stale = candidates
         message = f"superseded: the run was killed and resumed by flow run {current}"
         for run in stale:
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-        if stale:
-            tasks = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in stale])),
-                task_run_filter=TaskRunFilter(
-                    state=TaskRunFilterState(type=TaskRunFilterStateType(any_=UNFINISHED))
-                ),
+        unfinished = TaskRunFilterState(type=TaskRunFilterStateType(any_=UNFINISHED))
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in stale])),
+            task_run_filter=TaskRunFilter(state=unfinished),
+        )
+        trackers = [r.parent_task_run_id for r in stale if r.parent_task_run_id is not None]
+        if trackers:
+            tasks += client.read_task_runs(
+                task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=trackers), state=unfinished)
             )
-            for task_run in tasks:
-                client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+        for task_run in tasks:
+            client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
     return sorted(run.name for run in stale)
 
 
