@@ -216,6 +216,7 @@ def _figure(runs: Sequence[Any], metric: str, column: str, title: str) -> bytes 
     cols = min(4, len(tasks))
     rows = -(-len(tasks) // cols)
     fig = new_figure(3.4 * cols, 2.8 * rows)
+    fig.set_layout_engine("constrained")  # room for the suptitle above the task titles
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     for ax, task in zip(axes, tasks, strict=False):
         for k, run in enumerate(runs):
