@@ -194,7 +194,9 @@ def fine_tune(
     classifier.train()
     amp = autocast_dtype(precision, device)
     steps = _steps(len(train.labels), batch_size, epochs)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        classifier.parameters(), lr=lr, weight_decay=0.0, fused=device.type == "cuda"
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     losses: list[float] = []
