@@ -39,12 +39,12 @@ from prefect.client.schemas.filters import (
     TaskRunFilterState,
     TaskRunFilterStateType,
 )
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, StateDetails, StateType
 from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.deployments import run_deployment
 from prefect.futures import PrefectFuture
-from prefect.states import Crashed
+from prefect.states import Completed, Crashed
 from transformers.utils import logging as hf_logging
 
 from collapse.config import Config
@@ -165,6 +165,22 @@ def run_generation_remotely(
     deployment: str,
     stages: list[str] | None = None,
 ) -> list[dict]:
+    """Run one generation (or its `stages`) on a deployment's work pool (see `dispatch_job`).
+
+    Returns:
+        One stage summary per stage run.
+    """
+    return dispatch_job(ctx, config, run_id, gen, deployment, stages)[0]
+
+
+def dispatch_job(
+    ctx: Context,
+    config: dict[str, Any],
+    run_id: str,
+    gen: int,
+    deployment: str,
+    stages: list[str] | None = None,
+) -> tuple[list[dict], FlowRun]:
     """Run one generation (or its `stages`) on a deployment's work pool; read the outcome from
     the manifest.
 
@@ -183,7 +199,7 @@ def run_generation_remotely(
             then left out, so deployments made before it existed still accept the run).
 
     Returns:
-        One stage summary per stage run.
+        One stage summary per stage run, and the child flow run.
     """
     names = stages_of(ctx, gen) if stages is None else stages
     before = {name: valid_record(ctx, gen, name) is not None for name in names}
@@ -216,7 +232,7 @@ def run_generation_remotely(
                 "run.artifact_root with this process?"
             )
         results.append(stage_summary(gen, name, record, before[name]))
-    return results
+    return results, flow_run
 
 
 def job_name(run_id: str, gen: int, stages: list[str], key: str) -> str:
@@ -373,7 +389,8 @@ def run_pipelined(
             if not all(future.state.is_final() for _, future in evals):
                 break
             for _, future in evals:
-                future.result()  # raises the evaluation's error
+                if not future.state.is_completed():
+                    future.result()  # raises the evaluation's error
             done += 1
         return done
 
@@ -381,14 +398,24 @@ def run_pipelined(
         names = stages_of(ctx, gen)
         chain = [name for name in names if chain_stage(name) is not None]
         if deployment:
-            chain_results = run_generation_remotely(ctx, config, run_id, gen, deployment, chain)
+            chain_results, child = dispatch_job(ctx, config, run_id, gen, deployment, chain)
         else:
-            chain_results = generation(config, run_id, gen, chain)
+            state = generation(config, run_id, gen, chain, return_state=True)
+            chain_results = state.result()
+            with get_client(sync_client=True) as client:
+                child = client.read_flow_run(state.state_details.flow_run_id)
+        # The edge chain -> evaluation in the UI's graph: a subflow run is drawn in place of
+        # its parent task run, so the evaluations wait for a Completed state naming that task
+        # run. (Passing the subflow's returned list would draw it too, but Prefect matches
+        # results by id(), and its fresh items can take the id of a freed earlier result,
+        # which drew false edges.)
+        chain_done = Completed(
+            data=gen,  # what waiting resolves it to (without data, waiting raises MissingResult)
+            state_details=StateDetails(task_run_id=child.parent_task_run_id),
+        )
         evals = []
         for name in names[len(chain) :]:
-            # The chain's returned list is a flow run result Prefect tracks: waiting on it
-            # draws the edge chain -> evaluation in the UI's flow run graph.
-            wait_for: list[Any] = [chain_results]
+            wait_for: list[Any] = [chain_done]
             if name in previous:
                 wait_for.append(previous[name])
             options = {"task_run_name": f"{name}-gen-{gen}"}
