@@ -44,6 +44,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.deployments import run_deployment
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run as flow_run_runtime
 from prefect.states import Completed, Crashed
 from transformers.utils import logging as hf_logging
 
@@ -139,7 +140,22 @@ def report(run_dir: str) -> str:
     return str(write_report([Path(run_dir)]))
 
 
-@flow(name="generation", flow_run_name="{run_id}-gen-{gen}", log_prints=True)
+def _generation_run_name() -> str:
+    """The flow run name of a generation flow run: `job_name` of its parameters.
+
+    The flow's own name template wins over the name `run_deployment` gives a flow run, so a
+    job run on a worker gets its name (with its stage key) from here too.
+    """
+    parameters = flow_run_runtime.parameters
+    run_id, gen, stages = parameters["run_id"], parameters["gen"], parameters.get("stages")
+    if not stages or chain_stage(stages[0]) is not None:
+        return f"{run_id}-gen-{gen}"
+    cfg = Config.model_validate(parameters["config"])
+    ctx = Context(cfg, RunStore(cfg.run.artifact_root, run_id))
+    return job_name(run_id, gen, stages, stage_key(ctx, gen, stages[0]))
+
+
+@flow(name="generation", flow_run_name=_generation_run_name, log_prints=True)
 def generation(
     config: dict[str, Any], run_id: str, gen: int, stages: list[str] | None = None
 ) -> list[dict]:
