@@ -57,6 +57,7 @@ from collapse.pipeline import (
     invalidate_from,
     metrics_table,
     run_stage,
+    stage_entry,
     stage_key,
     stages_of,
     valid_record,
@@ -394,7 +395,6 @@ def run_pipelined(
     """
     orchestration = ctx.config.orchestration
     deployment = orchestration.generation_deployment
-    gpu = set(gpu_stages())
     previous: dict[str, PrefectFuture] = {}
     generations: list[tuple[int, list[dict], list[tuple[str, PrefectFuture]]]] = []
 
@@ -435,7 +435,7 @@ def run_pipelined(
             if name in previous:
                 wait_for.append(previous[name])
             options = {"task_run_name": f"{name}-gen-{gen}"}
-            if deployment and name in gpu:
+            if deployment and stage_entry(name).needs_gpu:
                 future = remote_stage.with_options(**options).submit(
                     config, run_id, gen, name, deployment, wait_for=wait_for
                 )
