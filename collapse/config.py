@@ -283,11 +283,42 @@ class OrchestrationConfig(Section):
         None,
         pattern=r"^[^/]+/[^/]+$",
         description=(
-            "'flow/deployment' of a deployed generation flow (e.g. 'generation/gpu'): each "
-            "generation then runs on that deployment's work pool through run_deployment. "
-            "run.artifact_root must be storage that the workers share."
+            "'flow/deployment' of a deployed generation flow (e.g. 'generation/gpu'): the GPU "
+            "jobs then run on that deployment's work pool through run_deployment (mode "
+            "distributed). run.artifact_root must be storage that the workers share."
         ),
     )
+    mode: Literal["local", "distributed"] | None = Field(
+        None,
+        description="local: every stage in this process; distributed: each GPU job (a "
+        "generation's chain stages, each evaluation that needs a GPU) is a flow run of "
+        "generation_deployment, CPU evaluations stay here. Unset: distributed when "
+        "generation_deployment is set, else local.",
+    )
+    pipeline: bool = Field(
+        True,
+        description="Run generation n's evaluations beside generation n+1's train and sample "
+        "(only the chain waits for the chain); false: one generation after the other.",
+    )
+
+    @model_validator(mode="after")
+    def _mode_needs_deployment(self) -> OrchestrationConfig:
+        if self.mode == "distributed" and not self.generation_deployment:
+            raise ValueError(
+                "orchestration.mode distributed needs orchestration.generation_deployment "
+                "(e.g. generation/gpu)"
+            )
+        if self.mode == "local" and self.generation_deployment:
+            raise ValueError(
+                "orchestration.generation_deployment is only used with orchestration.mode "
+                "distributed: unset one of them"
+            )
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        """Whether GPU jobs run as flow runs of `generation_deployment`."""
+        return self.generation_deployment is not None
 
 
 class Config(Section):

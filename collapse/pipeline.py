@@ -18,6 +18,7 @@ from typing import Any
 from collapse.config import config_to_dict
 from collapse.context import Context
 from collapse.evals import Column, Evaluation, column_value, evaluation, registry, split_stage
+from collapse.faults import delay_point
 from collapse.stages import CHAIN, ChainStage, chain_stage
 from collapse.store import StorageFullError, atomic_write_json, sha256_json, storage_full
 
@@ -131,6 +132,7 @@ def _run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
         if shared is not None:
             return {**shared, "reused": True}
     entry = stage_entry(stage)
+    delay_point(stage, gen)
     if isinstance(entry, ChainStage):
         outputs, info = entry.run(ctx, gen, key)
     else:

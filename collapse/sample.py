@@ -28,7 +28,7 @@ from transformers.generation.logits_process import (
 from collapse.corpus.parquet import shard_name, write_shard
 from collapse.faults import crash_point
 from collapse.models import implementation_of
-from collapse.seeding import derive_seed
+from collapse.seeding import derive_seed, seeded_torch
 from collapse.store import atomic_write_json, sha256_file
 
 
@@ -242,8 +242,7 @@ def _static_shards(
         ids: list[list[int]] = []
         ended: list[bool] = []
         first = index * cfg.shard_size  # global index of the shard's first story
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(derive_seed(seed, "shard", index))
+        with seeded_torch(derive_seed(seed, "shard", index), device):
             for start in range(0, sizes[index], cfg.batch_size):
                 n = min(cfg.batch_size, sizes[index] - start)
                 rows = torch.arange(first + start, first + start + n)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -24,7 +25,13 @@ from typing import Any
 from collapse.errors import UserError
 
 MANIFEST = "manifest.json"
+MANIFEST_LOCK = ".manifest.lock"
 CONFIG_FILE = "config.yaml"
+
+# flock alone would serialise threads too (each open() is its own lock holder), but a thread
+# lock per manifest keeps threads of one process from spinning on the file lock's fd.
+_MANIFEST_THREAD_LOCKS: dict[Path, threading.Lock] = {}
+_MANIFEST_THREAD_LOCKS_GUARD = threading.Lock()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -364,10 +371,28 @@ class RunStore:
         }
         if copied_from is not None:
             record["copied_from"] = copied_from
-        manifest = self.read_manifest(generation)
-        manifest["stages"][stage] = record
-        atomic_write_json(self.manifest_path(generation), manifest)
+        with self.manifest_update(generation):
+            manifest = self.read_manifest(generation)
+            manifest["stages"][stage] = record
+            atomic_write_json(self.manifest_path(generation), manifest)
         return record
+
+    @contextlib.contextmanager
+    def manifest_update(self, generation: int) -> Iterator[None]:
+        """Hold the generation's manifest for a read-modify-write.
+
+        Evaluations of one generation run concurrently (threads of a pipelined run, and jobs on
+        work-pool workers sharing the artifact root); without this, two stages finishing
+        together would each write the manifest they read, and one record would be lost.
+        """
+        path = self.manifest_path(generation).resolve()
+        with _MANIFEST_THREAD_LOCKS_GUARD:
+            thread_lock = _MANIFEST_THREAD_LOCKS.setdefault(path, threading.Lock())
+        with thread_lock:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path.with_name(MANIFEST_LOCK), "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+                yield
 
     def valid_record(self, generation: int, stage: str, key: str | None) -> dict[str, Any] | None:
         """The stage's record if it is done: same key and every output matches its sha256."""
@@ -415,16 +440,18 @@ class RunStore:
 
     def drop_stage(self, generation: int, stage: str) -> None:
         """Forget a stage (its outputs stay until overwritten)."""
-        manifest = self.read_manifest(generation)
-        if manifest["stages"].pop(stage, None) is not None:
-            atomic_write_json(self.manifest_path(generation), manifest)
+        with self.manifest_update(generation):
+            manifest = self.read_manifest(generation)
+            if manifest["stages"].pop(stage, None) is not None:
+                atomic_write_json(self.manifest_path(generation), manifest)
 
     def invalidate_from(self, generation: int) -> list[int]:
         """Remove the manifests of `generation` and every later one, so all are recomputed."""
         dropped = []
         for gen in self.generations_on_disk():
             if gen >= generation and self.manifest_path(gen).exists():
-                self.manifest_path(gen).unlink()
+                with self.manifest_update(gen):
+                    self.manifest_path(gen).unlink(missing_ok=True)
                 dropped.append(gen)
         return dropped
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from collapse.device import autocast, autocast_dtype, deterministic_algorithms
 from collapse.faults import crash_point
 from collapse.objectives import training_loss
-from collapse.seeding import derive_seed
+from collapse.seeding import TORCH_RNG_LOCK, derive_seed
 from collapse.store import atomic_path
 
 
@@ -136,9 +136,10 @@ def train_model(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng_cpu"])
-            if device.type == "cuda" and state.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(state["rng_cuda"])
+            with TORCH_RNG_LOCK:  # not inside another thread's seeded block
+                torch.set_rng_state(state["rng_cpu"])
+                if device.type == "cuda" and state.get("rng_cuda") is not None:
+                    torch.cuda.set_rng_state(state["rng_cuda"])
             start_step, losses = state["step"], state["losses"]
             elapsed_before = state.get("seconds", 0.0)
             if log:
@@ -174,6 +175,9 @@ def train_model(
             bar.set_postfix(loss=f"{step_loss:.3f}")
             done = step + 1
             if done % cfg.checkpoint_every == 0 and done < steps:
+                with TORCH_RNG_LOCK:  # this thread's state, not another's seeded one
+                    rng_cpu = torch.get_rng_state()
+                    rng_cuda = torch.cuda.get_rng_state() if device.type == "cuda" else None
                 _save_checkpoint(
                     checkpoint_path,
                     {
@@ -183,8 +187,8 @@ def train_model(
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
-                        "rng_cpu": torch.get_rng_state(),
-                        "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                        "rng_cpu": rng_cpu,
+                        "rng_cuda": rng_cuda,
                         "losses": losses,
                         "seconds": elapsed_before + time.perf_counter() - started,
                     },

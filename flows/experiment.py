@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -39,11 +40,13 @@ from prefect.client.schemas.filters import (
     TaskRunFilterState,
     TaskRunFilterStateType,
 )
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, StateDetails, StateType
 from prefect.concurrency.sync import concurrency
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.deployments import run_deployment
-from prefect.states import Crashed
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run as flow_run_runtime
+from prefect.states import Completed, Crashed
 from transformers.utils import logging as hf_logging
 
 from collapse.config import Config
@@ -55,11 +58,13 @@ from collapse.pipeline import (
     metrics_table,
     needs_gpu,
     run_stage,
+    stage_entry,
     stage_key,
     stages_of,
     valid_record,
 )
 from collapse.report import load_run, summary_markdown, write_report
+from collapse.stages import chain_stage
 from collapse.store import RunStore
 
 
@@ -109,7 +114,15 @@ def stage_summary(gen: int, name: str, record: dict[str, Any], reused: bool) -> 
 def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     # The stage key chains the content digests of the stage's inputs; the flow passes
     # refresh_cache whenever the manifest says the outputs are missing or corrupt.
-    return parameters.get("cache_key")
+    if parameters.get("cache_key") is not None:
+        return parameters["cache_key"]
+    # A pipelined evaluation is submitted before its inputs exist, so its key is computed here,
+    # once its futures are done (Prefect computes the cache key after wait_for). Only a valid
+    # record gets a key: a missing or corrupt output then always runs, never a stale result.
+    ctx = make_context(parameters["config"], parameters["run_id"])
+    gen, name = parameters["gen"], parameters["name"]
+    key = stage_key(ctx, gen, name)
+    return f"{name}-{key}" if ctx.store.valid_record(gen, name, key) is not None else None
 
 
 @task(cache_key_fn=_stage_cache_key, persist_result=True, result_serializer="json")
@@ -129,12 +142,30 @@ def report(run_dir: str) -> str:
     return str(write_report([Path(run_dir)]))
 
 
-@flow(name="generation", flow_run_name="{run_id}-gen-{gen}", log_prints=True)
-def generation(config: dict[str, Any], run_id: str, gen: int) -> list[dict]:
-    """All stages of one generation: (corpus | train, sample), then the evaluations."""
+def _generation_run_name() -> str:
+    """The flow run name of a generation flow run: `job_name` of its parameters.
+
+    The flow's own name template wins over the name `run_deployment` gives a flow run, so a
+    job run on a worker gets its name (with its stage key) from here too.
+    """
+    parameters = flow_run_runtime.parameters
+    run_id, gen, stages = parameters["run_id"], parameters["gen"], parameters.get("stages")
+    if not stages or chain_stage(stages[0]) is not None:
+        return f"{run_id}-gen-{gen}"
+    cfg = Config.model_validate(parameters["config"])
+    ctx = Context(cfg, RunStore(cfg.run.artifact_root, run_id))
+    return job_name(run_id, gen, stages, stage_key(ctx, gen, stages[0]))
+
+
+@flow(name="generation", flow_run_name=_generation_run_name, log_prints=True)
+def generation(
+    config: dict[str, Any], run_id: str, gen: int, stages: list[str] | None = None
+) -> list[dict]:
+    """Stages of one generation in order: all of them ((corpus | train, sample), then the
+    evaluations), or only `stages` (one job of a pipelined or distributed run)."""
     ctx = make_context(config, run_id)
     results = []
-    for name in stages_of(ctx, gen):
+    for name in stages_of(ctx, gen) if stages is None else stages:
         key = stage_key(ctx, gen, name)  # parents are done: this generation runs in order
         record = ctx.store.valid_record(gen, name, key)
         runner = stage.with_options(task_run_name=f"{name}-gen-{gen}", refresh_cache=record is None)
@@ -145,28 +176,72 @@ def generation(config: dict[str, Any], run_id: str, gen: int) -> list[dict]:
 
 
 def run_generation_remotely(
-    ctx: Context, config: dict[str, Any], run_id: str, gen: int, deployment: str
+    ctx: Context,
+    config: dict[str, Any],
+    run_id: str,
+    gen: int,
+    deployment: str,
+    stages: list[str] | None = None,
 ) -> list[dict]:
-    """Run one generation on a deployment's work pool and read its outcome from the manifest.
+    """Run one generation (or its `stages`) on a deployment's work pool (see `dispatch_job`).
+
+    Returns:
+        One stage summary per stage run.
+    """
+    return dispatch_job(ctx, config, run_id, gen, deployment, stages)[0]
+
+
+def dispatch_job(
+    ctx: Context,
+    config: dict[str, Any],
+    run_id: str,
+    gen: int,
+    deployment: str,
+    stages: list[str] | None = None,
+) -> tuple[list[dict], FlowRun]:
+    """Run one generation (or its `stages`) on a deployment's work pool; read the outcome from
+    the manifest.
 
     The worker writes to the same artifact root, so the manifest (not a Prefect result, which
-    would live in the worker's result storage) is where the stages' records come from.
+    would live in the worker's result storage) is where the stages' records come from. The
+    child flow run's name and idempotency key come from the run id and the first stage's key,
+    so a retried parent flow run gets its existing child back instead of starting another.
+
+    Args:
+        ctx: the run's context.
+        config: the config as a plain dict (the child flow's parameter).
+        run_id: the run folder name.
+        gen: the generation.
+        deployment: 'flow/deployment' of a deployed `generation` flow.
+        stages: the stages to run, in order; None: all of the generation's (the parameter is
+            then left out, so deployments made before it existed still accept the run).
+
+    Returns:
+        One stage summary per stage run, and the child flow run.
     """
-    before = {name: valid_record(ctx, gen, name) is not None for name in stages_of(ctx, gen)}
+    names = stages_of(ctx, gen) if stages is None else stages
+    before = {name: valid_record(ctx, gen, name) is not None for name in names}
+    key = stage_key(ctx, gen, names[0])  # its parents are done: the caller waited for them
+    parameters: dict[str, Any] = {"config": config, "run_id": run_id, "gen": gen}
+    if stages is not None:
+        parameters["stages"] = stages
+    name = job_name(run_id, gen, names, key)
     flow_run = run_deployment(
         deployment,
-        parameters={"config": config, "run_id": run_id, "gen": gen},
-        flow_run_name=f"{run_id}-gen-{gen}",
+        parameters=parameters,
+        flow_run_name=name,
+        idempotency_key=job_idempotency_key(name, key),
         timeout=None,  # wait however long the generation takes
         as_subflow=True,
     )
     if flow_run.state is None or not flow_run.state.is_completed():
         state = flow_run.state.name if flow_run.state else "unknown"
         raise RuntimeError(
-            f"generation {gen} ended {state} on deployment {deployment!r} (flow run {flow_run.id})"
+            f"generation {gen} ({', '.join(names)}) ended {state} on deployment "
+            f"{deployment!r} (flow run {flow_run.id})"
         )
     results = []
-    for name in stages_of(ctx, gen):
+    for name in names:
         record = valid_record(ctx, gen, name)
         if record is None:
             raise RuntimeError(
@@ -175,7 +250,36 @@ def run_generation_remotely(
                 "run.artifact_root with this process?"
             )
         results.append(stage_summary(gen, name, record, before[name]))
-    return results
+    return results, flow_run
+
+
+def job_name(run_id: str, gen: int, stages: list[str], key: str) -> str:
+    """The flow run name of a job: `<run>-gen-<g>` for a generation's chain (or all of it),
+    `<run>-gen-<g>-<stage>-<key prefix>` for one evaluation."""
+    if chain_stage(stages[0]) is not None:
+        return f"{run_id}-gen-{gen}"
+    return f"{run_id}-gen-{gen}-{'+'.join(stages)}-{key[:8]}"
+
+
+def job_idempotency_key(name: str, key: str) -> str:
+    """The idempotency key of a job flow run: the parent flow run, the job's name and stage key.
+
+    With the same parent (a retry of it, or of the task dispatching the job) Prefect returns
+    the child flow run it already made. A later `collapse run` is a new parent: a child of a
+    killed run that ended Crashed must not be handed back to it (it would fail forever), and
+    its new child finds the finished stages in the manifest and reuses them.
+    """
+    context = FlowRunContext.get()
+    parent = context.flow_run.id if context is not None and context.flow_run else "none"
+    return f"{parent}:{name}:{key}"
+
+
+@task
+def remote_stage(config: dict[str, Any], run_id: str, gen: int, name: str, deployment: str) -> dict:
+    """Run one evaluation as its own flow run on the deployment's work pool (a GPU job)."""
+    ctx = make_context(config, run_id)
+    (summary,) = run_generation_remotely(ctx, config, run_id, gen, deployment, [name])
+    return summary
 
 
 UNFINISHED = [StateType.RUNNING, StateType.PENDING]
@@ -271,6 +375,97 @@ def crash_stale_flow_runs(run_id: str, artifact_root: str) -> list[str]:
     return sorted(run.name for run in stale)
 
 
+def run_pipelined(
+    ctx: Context, config: dict[str, Any], run_id: str, publish: Callable[[int], None]
+) -> list[dict[str, Any]]:
+    """Every generation, with each generation's evaluations beside the next one's chain.
+
+    Generation n+1's training reads only generation n's corpus, so the critical path is the
+    chain (corpus, train, sample, train, sample, ...), run here one generation after another
+    (a `generation` subflow, or a job on the deployment). Each evaluation is a task future
+    waiting for its generation's chain and for the same evaluation of the previous generation:
+    an evaluation may read its own earlier result (OOV reads generation 0's lexicon) or share
+    per-run state (the judge's cache), and this keeps one of each kind running at a time.
+
+    Args:
+        ctx: the run's context.
+        config: the config as a plain dict.
+        run_id: the run folder name.
+        publish: called with the last generation whose stages are all done (-1: none).
+
+    Returns:
+        Per generation: {"generation", "stages": summaries in `stages_of` order}.
+
+    Raises:
+        Exception: the first failed stage's error; a failed evaluation is raised at the next
+            generation boundary (the chain running then finishes first) or at the end.
+    """
+    orchestration = ctx.config.orchestration
+    deployment = orchestration.generation_deployment
+    previous: dict[str, PrefectFuture] = {}
+    generations: list[tuple[int, list[dict], list[tuple[str, PrefectFuture]]]] = []
+
+    def finished() -> int:
+        """Generations whose evaluations are all done (raising a failed one's error)."""
+        done = 0
+        for _, _, evals in generations:
+            if not all(future.state.is_final() for _, future in evals):
+                break
+            for _, future in evals:
+                if not future.state.is_completed():
+                    future.result()  # raises the evaluation's error
+            done += 1
+        return done
+
+    for gen in range(0, ctx.config.run.generations + 1):
+        names = stages_of(ctx, gen)
+        chain = [name for name in names if chain_stage(name) is not None]
+        if deployment:
+            chain_results, child = dispatch_job(ctx, config, run_id, gen, deployment, chain)
+        else:
+            state = generation(config, run_id, gen, chain, return_state=True)
+            chain_results = state.result()
+            with get_client(sync_client=True) as client:
+                child = client.read_flow_run(state.state_details.flow_run_id)
+        # The edge chain -> evaluation in the UI's graph: a subflow run is drawn in place of
+        # its parent task run, so the evaluations wait for a Completed state naming that task
+        # run. (Passing the subflow's returned list would draw it too, but Prefect matches
+        # results by id(), and its fresh items can take the id of a freed earlier result,
+        # which drew false edges.)
+        chain_done = Completed(
+            data=gen,  # what waiting resolves it to (without data, waiting raises MissingResult)
+            state_details=StateDetails(task_run_id=child.parent_task_run_id),
+        )
+        evals = []
+        for name in names[len(chain) :]:
+            wait_for: list[Any] = [chain_done]
+            if name in previous:
+                wait_for.append(previous[name])
+            options = {"task_run_name": f"{name}-gen-{gen}"}
+            if deployment and stage_entry(name).needs_gpu:
+                future = remote_stage.with_options(**options).submit(
+                    config, run_id, gen, name, deployment, wait_for=wait_for
+                )
+            else:
+                future = stage.with_options(**options).submit(
+                    config, run_id, gen, name, None, wait_for=wait_for
+                )
+            previous[name] = future
+            evals.append((name, future))
+        generations.append((gen, chain_results, evals))
+        publish(finished() - 1)
+    summaries = []
+    for gen, chain_results, evals in generations:
+        stages = list(chain_results)
+        for _, future in evals:
+            result = future.result()
+            # A cache hit is only possible on a valid record (see _stage_cache_key).
+            stages.append({**result, "reused": result["reused"] or future.state.name == "Cached"})
+        summaries.append({"generation": gen, "stages": stages})
+    publish(finished() - 1)
+    return summaries
+
+
 @flow(name="experiment", flow_run_name="{run_id}", log_prints=True)
 def experiment(
     config: dict[str, Any], run_id: str, from_generation: int | None = None
@@ -304,20 +499,28 @@ def experiment(
             0.0, key=artifact_key(run_id, "progress"), description=f"{run_id}: generations done"
         )
         deployment = ctx.config.orchestration.generation_deployment
-        summaries = []
-        for gen in range(0, total + 1):
-            if deployment:
-                stages = run_generation_remotely(ctx, config, run_id, gen, deployment)
-            else:
-                stages = generation(config, run_id, gen)
-            summaries.append({"generation": gen, "stages": stages})
-            rows = metrics_table(ctx)
+
+        def publish(last: int) -> None:
+            """Update the UI's table and progress; `last`: the last generation all done."""
             create_table_artifact(
-                rows,
+                metrics_table(ctx),
                 key=artifact_key(run_id, "metrics"),
                 description=f"Per-generation metrics of run {run_id} (gen 0 = human corpus)",
             )
-            update_progress_artifact(progress_id, 100.0 * gen / total)
+            update_progress_artifact(progress_id, 100.0 * max(last, 0) / total)
+
+        if ctx.config.orchestration.pipeline:
+            summaries = run_pipelined(ctx, config, run_id, publish)
+        else:
+            summaries = []
+            for gen in range(0, total + 1):
+                if deployment:
+                    stages = run_generation_remotely(ctx, config, run_id, gen, deployment)
+                else:
+                    stages = generation(config, run_id, gen)
+                summaries.append({"generation": gen, "stages": stages})
+                publish(gen)
+        rows = metrics_table(ctx)
         report_path = report(str(ctx.store.run_dir))
         create_markdown_artifact(
             summary_markdown(load_run(ctx.store.run_dir)),

@@ -183,3 +183,27 @@ def test_a_saved_config_loads_without_its_input_files(tiny_config_file: Path, tm
     problems = input_problems(data)
     assert len(problems) == 2
     assert "corpus.path" in problems[0] and "eval.judge.prompts_path" in problems[1]
+
+
+def test_orchestration_mode_and_pipeline_never_change_the_run(tiny_config_file: Path):
+    base = load_config(tiny_config_file)
+    assert base.orchestration.pipeline and not base.orchestration.distributed
+    old = load_config(tiny_config_file, ["orchestration.generation_deployment=generation/gpu"])
+    assert old.orchestration.distributed  # configs from before `mode` keep their meaning
+    spread = load_config(
+        tiny_config_file,
+        [
+            "orchestration.mode=distributed",
+            "orchestration.generation_deployment=generation/gpu",
+            "orchestration.pipeline=false",
+        ],
+    )
+    assert spread.orchestration.distributed
+    assert run_id_for(spread) == run_id_for(old) == run_id_for(base)
+    with pytest.raises(ConfigError, match="mode distributed needs"):
+        load_config(tiny_config_file, ["orchestration.mode=distributed"])
+    with pytest.raises(ConfigError, match="only used with orchestration.mode distributed"):
+        load_config(
+            tiny_config_file,
+            ["orchestration.mode=local", "orchestration.generation_deployment=generation/gpu"],
+        )

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -38,7 +40,9 @@ def corpus(tmp_path_factory) -> Path:
     return write_story_file(tmp_path_factory.mktemp("corpus") / "stories.txt", n=200)
 
 
-def collapse(home: Path, *args: str, fault: str | None = None, timeout: int = 300):
+def collapse(
+    home: Path, *args: str, fault: str | None = None, delay: str | None = None, timeout: int = 300
+):
     """`collapse ARGS` in a subprocess; returns a CompletedProcess with its output.
 
     Output goes to files, not pipes, and the process group is killed afterwards: a `kill -9`ed
@@ -47,8 +51,11 @@ def collapse(home: Path, *args: str, fault: str | None = None, timeout: int = 30
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO))
     env.pop("COLLAPSE_FAULT", None)
+    env.pop("COLLAPSE_DELAY", None)
     if fault:
         env["COLLAPSE_FAULT"] = fault
+    if delay:
+        env["COLLAPSE_DELAY"] = delay
     out_path, err_path = home / "last.out", home / "last.err"
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen(
@@ -90,10 +97,13 @@ def output_hashes(root: Path, prefix: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, home: Path, corpus: Path) -> Path:
-    """An uninterrupted 2-generation run."""
+    """An uninterrupted 2-generation run, one generation after another (the other runs are
+    pipelined, the default, so comparing with it compares the two orders)."""
     tmp = tmp_path_factory.mktemp("reference")
     root = tmp / "artifacts"
-    proc = collapse(home, "run", str(make_config(tmp, corpus, root)))
+    proc = collapse(
+        home, "run", str(make_config(tmp, corpus, root)), "orchestration.pipeline=false"
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root
 
@@ -147,8 +157,12 @@ def test_kill_9_then_resume_equals_uninterrupted(
         assert not (gen1 / "model").exists()
     else:
         assert (gen1 / "corpus" / "_progress.json").is_file()
+    finished = _records(root)  # e.g. generation 0's evaluations, run beside training
+    assert ("gen-000", "corpus") in finished
     resumed = collapse(home, "run", str(config))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = _records(root)
+    assert {k: after[k] for k in finished} == finished  # nothing finished was recomputed
     assert resume_line in resumed.stdout + resumed.stderr
     assert output_hashes(root, "corpus/") == output_hashes(reference, "corpus/")
     assert output_hashes(root, "model/") == output_hashes(reference, "model/")
@@ -340,7 +354,8 @@ def test_sigterm_stops_collapse_ui_with_its_server(tmp_path: Path):
 def test_generations_run_on_a_work_pool_worker(
     tmp_path: Path, home: Path, corpus: Path, reference: Path, ui_api: str
 ):
-    """prefect.yaml's generation/gpu deployment, served by a process worker, runs generations."""
+    """prefect.yaml's generation/gpu deployment, served by a process worker, runs the GPU jobs
+    of a pipelined, distributed run (the mode a `generation_deployment` implies)."""
     prefect = str(Path(sys.executable).with_name("prefect"))
     env = _env(home, PREFECT_API_URL=ui_api, COLLAPSE_CODE_DIR=str(REPO))
     for command in (
@@ -368,9 +383,36 @@ def test_generations_run_on_a_work_pool_worker(
         assert proc.returncode == 0, proc.stdout + proc.stderr + worker_log
         assert "generation 2: computed 8/8 stages" in proc.stdout
         assert output_hashes(root, "corpus/") == output_hashes(reference, "corpus/")
-        runs = _post(f"{ui_api}/flow_runs/filter", {"limit": 200})
         run_id = run_dir(root).name
-        assert any(r["name"] == f"{run_id}-gen-2" and r["deployment_id"] for r in runs)
+        ours = [
+            r
+            for r in _all(ui_api, "flow_runs")
+            if r["parameters"].get("config", {}).get("run", {}).get("artifact_root") == str(root)
+        ]
+        (parent,) = [r for r in ours if r["name"] == run_id]
+        jobs = sorted(r["name"] for r in ours if r["deployment_id"])
+        # Each GPU job is one flow run on the pool: a generation's chain, and each evaluation
+        # that needs a GPU (judge from generation 0, perplexity from 1); CPU evaluations are
+        # task runs of the orchestrating flow run.
+        gpu_evals = [(g, "eval.judge") for g in (0, 1, 2)] + [(1, "eval.perplexity")]
+        gpu_evals.append((2, "eval.perplexity"))
+        expected = [f"{run_id}-gen-{g}" for g in (0, 1, 2)]
+        expected += [f"{run_id}-gen-{g}-{stage}-" for g, stage in gpu_evals]
+        # an evaluation's job name ends with its stage key's first 8 hex digits
+        assert sorted(n[:-8] if "-eval." in n else n for n in jobs) == sorted(expected)
+        assert all(re.fullmatch(r"[0-9a-f]{8}", n[-8:]) for n in jobs if "-eval." in n)
+        for job in (r for r in ours if r["deployment_id"]):
+            assert job["state_type"] == "COMPLETED"
+            # a retried parent would ask again with the same key and get this run back
+            assert job["idempotency_key"].startswith(f"{parent['id']}:{job['name']}:")
+        cpu = {
+            t["name"]
+            for t in _post(
+                f"{ui_api}/task_runs/filter",
+                {"flow_runs": {"id": {"any_": [parent["id"]]}}, "limit": 200},
+            )
+        }
+        assert {"eval.oov-gen-2", "eval.entropy-gen-2", "eval.diversity-gen-2"} <= cpu
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
@@ -510,3 +552,83 @@ def test_runs_started_together_start_their_prefect_servers_one_at_a_time(
     for text in texts:
         assert "generation 1: computed" in text
         assert "Application startup failed" not in text  # no migration race
+
+
+def _records(root: Path) -> dict[tuple[str, str], tuple[str, str]]:
+    """(generation folder, stage) -> (digest, completed_at) of every recorded stage."""
+    return {
+        (manifest.parent.name, name): (record["digest"], record["completed_at"])
+        for manifest in sorted(run_dir(root).glob("gen-*/manifest.json"))
+        for name, record in json.loads(manifest.read_text())["stages"].items()
+    }
+
+
+def _stages(root: Path) -> dict[tuple[str, str], dict[str, str]]:
+    """(generation folder, stage) -> output path -> sha256 of a run, but training's statistics
+    file (it holds wall-clock seconds, so stage keys, which chain digests, differ too)."""
+    stages = {}
+    for manifest in sorted(run_dir(root).glob("gen-*/manifest.json")):
+        for name, record in json.loads(manifest.read_text())["stages"].items():
+            outputs = {k: v for k, v in record["outputs"].items() if not k.endswith("train.json")}
+            stages[(manifest.parent.name, name)] = outputs
+    return stages
+
+
+def test_a_pipelined_run_overlaps_evaluations_with_the_next_training_and_equals_an_unpipelined_one(
+    tmp_path: Path, home: Path, corpus: Path, reference: Path, ui_api: str
+):
+    """A pipelined run (the default) has the same artifacts as the reference, made one
+    generation after another, and the API shows its evaluations overlapping the next training.
+
+    Generation 0's OOV is made 8 s slower, so that the overlap does not depend on the machine's
+    speed; run one generation after another, it could never overlap.
+    """
+    root = tmp_path / "artifacts"
+    config = make_config(tmp_path, corpus, root)
+    proc = collapse(home, "run", str(config), delay="eval.oov:0:8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "generation 2: computed 8/8 stages" in proc.stdout
+    pipelined, sequential = _stages(root), _stages(reference)
+    assert len(pipelined) == 6 + 8 + 8
+    assert pipelined == sequential
+    run_id = run_dir(root).name
+    (first,) = [
+        r
+        for r in _all(ui_api, "flow_runs")
+        if r["name"] == run_id and r["parameters"]["config"]["run"]["artifact_root"] == str(root)
+    ]
+    children = _post(
+        f"{ui_api}/flow_runs/filter",
+        {"flow_runs": {"parent_flow_run_id": {"any_": [first["id"]]}}, "limit": 200},
+    )
+    subflow = {r["name"]: r["id"] for r in children}
+    # a subflow run is drawn in the graph in place of its parent task run
+    chain = {r["name"]: r["parent_task_run_id"] for r in children}
+    tasks = {
+        t["name"]: t
+        for t in _post(
+            f"{ui_api}/task_runs/filter",
+            {"flow_runs": {"id": {"any_": [first["id"], *subflow.values()]}}, "limit": 200},
+        )
+    }
+
+    def interval(name: str) -> tuple[datetime, datetime]:
+        task = tasks[name]
+        return datetime.fromisoformat(task["start_time"]), datetime.fromisoformat(task["end_time"])
+
+    overlapping = []
+    for gen in (0, 1):
+        train_start, train_end = interval(f"train-gen-{gen + 1}")
+        for name in [n for n in tasks if n.startswith("eval.") and n.endswith(f"-gen-{gen}")]:
+            start, end = interval(name)
+            if start < train_end and end > train_start:
+                overlapping.append(name)
+    assert "eval.oov-gen-0" in overlapping, tasks
+    # The graph's edges: an evaluation waits for its generation's chain (the subflow run) and
+    # for the same evaluation of the previous generation, and for nothing else.
+    for name in ("eval.oov", "eval.perplexity", "eval.entropy"):
+        waits = {i["id"] for i in tasks[f"{name}-gen-2"]["task_inputs"]["wait_for"]}
+        assert waits == {chain[f"{run_id}-gen-2"], tasks[f"{name}-gen-1"]["id"]}, name
+    assert {i["id"] for i in tasks["eval.oov-gen-0"]["task_inputs"]["wait_for"]} == {
+        chain[f"{run_id}-gen-0"]
+    }

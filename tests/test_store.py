@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
 import pickle
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +126,45 @@ def test_storage_full_error_survives_pickling_with_its_stage(tmp_path: Path):
     again = pickle.loads(pickle.dumps(err))
     assert type(again) is StorageFullError and str(again) == str(err)
     assert "512 bytes free" in str(again) and "in generation 1, stage train" in str(again)
+
+
+def _slow_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Widen the read-modify-write window of manifest updates, so unserialised writers lose."""
+    real = RunStore.read_manifest
+
+    def slow(self: RunStore, generation: int) -> dict:
+        manifest = real(self, generation)
+        time.sleep(0.05)
+        return manifest
+
+    monkeypatch.setattr(RunStore, "read_manifest", slow)
+
+
+def _record(root: Path, stage: str) -> None:
+    store = RunStore(root, "run")  # a store of its own, as each Prefect task builds one
+    out = store.eval_path(1, stage)
+    atomic_write_bytes(out, b"{}")
+    store.record_stage(1, f"eval.{stage}", "k", [out])
+
+
+def test_concurrent_stages_of_one_generation_keep_every_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    _slow_reads(monkeypatch)
+    names = [f"m{i}" for i in range(6)]
+    threads = [threading.Thread(target=_record, args=(tmp_path, n)) for n in names[:3]]
+    # and processes (e.g. work-pool workers sharing the artifact root), which see the
+    # slowed reads too: fork copies the patched class
+    procs = [
+        multiprocessing.get_context("fork").Process(target=_record, args=(tmp_path, n))
+        for n in names[3:]
+    ]
+    for worker in [*threads, *procs]:
+        worker.start()
+    for worker in [*threads, *procs]:
+        worker.join()
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    stages = RunStore(tmp_path, "run").read_manifest(1)["stages"]
+    assert sorted(stages) == [f"eval.{n}" for n in names]
+    RunStore(tmp_path, "run").drop_stage(1, "eval.m0")
+    assert "eval.m0" not in RunStore(tmp_path, "run").read_manifest(1)["stages"]

@@ -188,10 +188,10 @@ def prompt_room(config: Any) -> int:
 
 def _completions(ctx: Context, gen: int, prompts: list[str]) -> pa.Table:
     """`completions_per_prompt` seeded completions of every prompt (temperature 1, no top-k/p)."""
-    import torch
 
     from collapse.device import pick_device
     from collapse.sample import sample_batch
+    from collapse.seeding import seeded_torch
     from collapse.tokenizer import special_ids
 
     judge = ctx.config.eval.judge
@@ -204,8 +204,7 @@ def _completions(ctx: Context, gen: int, prompts: list[str]) -> pa.Table:
     rows.update(completion=[], tokens=[], finished=[])
     for index, prompt in enumerate(prompts):
         ids = tok(prompt, add_special_tokens=False)["input_ids"][-room:]
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(_seed(ctx, "judge-completions", gen, index))
+        with seeded_torch(_seed(ctx, "judge-completions", gen, index), device):
             seqs, ended = sample_batch(
                 model,
                 judge.completions_per_prompt,

@@ -12,6 +12,7 @@ Nothing here imports torch at module level, so config validation can read the pr
 from __future__ import annotations
 
 import importlib
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -121,6 +122,13 @@ def implementation_of(model: Any) -> ModelImplementation:
     )
 
 
+# transformers builds and loads models under process-wide switches (e.g. parameters created on
+# the meta device while `from_pretrained` loads, weight init turned off): a model built in one
+# thread while another loads one came out on the meta device ("Cannot copy out of meta
+# tensor"), seen in a pipelined run. Threads of one process build and load models one at a time.
+MODEL_CONSTRUCTION_LOCK = threading.RLock()
+
+
 def build_model(
     model_cfg: Any, vocab_size: int, start_id: int, end_id: int, seed: int
 ) -> torch.nn.Module:
@@ -134,12 +142,14 @@ def build_model(
         seed: initialisation seed.
     """
     impl = implementation(model_cfg.implementation)
-    return impl.build(resolve_model_fields(model_cfg), vocab_size, start_id, end_id, seed)
+    with MODEL_CONSTRUCTION_LOCK:
+        return impl.build(resolve_model_fields(model_cfg), vocab_size, start_id, end_id, seed)
 
 
 def load_model(model_cfg: Any, path: Path, device: Any) -> torch.nn.Module:
     """A saved model, by the configured implementation, on `device`."""
-    return implementation(model_cfg.implementation).load(Path(path), device)
+    with MODEL_CONSTRUCTION_LOCK:
+        return implementation(model_cfg.implementation).load(Path(path), device)
 
 
 def save_model(model: Any, path: Path) -> None:

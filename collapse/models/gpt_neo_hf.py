@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
+from collapse.seeding import seeded_torch
+
 
 def _attention_types(pattern: str, num_layers: int) -> list[list[Any]]:
     if pattern == "global-local":
@@ -51,8 +53,7 @@ def gpt_neo_config(
 
 def init_model(config: GPTNeoConfig, seed: int) -> GPTNeoForCausalLM:
     """A freshly initialised GPT-Neo; the same seed gives the same weights in any process."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_torch(seed):
         model = GPTNeoForCausalLM(config)
     return model
 
