@@ -395,4 +395,8 @@ def test_a_missing_column_stops_the_run_with_exit_2_and_loses_nothing(downstream
     after = json.loads((root / "ds" / "gen-000" / "manifest.json").read_text())["stages"]
     before = json.loads(manifests[0])["stages"]
     assert after[STAGE] == before[STAGE] and after["corpus"] == before["corpus"]
-    assert (root / "ds" / "gen-001" / "manifest.json").read_text() == manifests[1]
+    # Generation 1's chain may go on beside the failing evaluation (pipelined runs): its
+    # finished training is kept, not recomputed.
+    trained = json.loads(manifests[1])["stages"]["train"]
+    stages_1 = json.loads((root / "ds" / "gen-001" / "manifest.json").read_text())["stages"]
+    assert stages_1["train"] == trained

@@ -229,21 +229,20 @@ def test_a_submitted_run_survives_a_killed_worker(tmp_path: Path):
         assert output_hashes(root, "model/") == output_hashes(reference_root, "model/")
         assert output_hashes(root, "eval/") == output_hashes(reference_root, "eval/")
         # One experiment flow run; no generation left Running beside another; the lost
-        # attempt's generation 1 was closed as Crashed.
+        # attempt's unfinished generation flow runs were closed as Crashed.
         runs = flow_runs()
         assert [r["id"] for r in runs if r["name"] == run_id] == [flow_run_id]
         assert not [r for r in runs if r["state_type"] in ("RUNNING", "PENDING", "SCHEDULED")]
-        # Each attempt enters every generation once (Prefect re-enters nested flows on a retry:
-        # generation 0's second flow run only found its stages done, completed_at unchanged).
-        states = {
-            gen: sorted(r["state_type"] for r in runs if r["name"] == f"{run_id}-gen-{gen}")
-            for gen in range(3)
-        }
-        assert states == {
-            0: ["COMPLETED", "COMPLETED"],
-            1: ["COMPLETED", "CRASHED"],
-            2: ["COMPLETED"],
-        }
+        # Each attempt enters a generation's chain at most once (Prefect re-enters nested flows
+        # on a retry: generation 0's second flow run only found its stages done). Which of the
+        # lost attempt's chains had finished when the worker died depends on timing (pipelined
+        # runs start generation g+1's chain while g's evaluations run), so only that is fixed:
+        # the retry completes every generation, and nothing of the lost attempt is left open.
+        for gen in range(3):
+            states = sorted(r["state_type"] for r in runs if r["name"] == f"{run_id}-gen-{gen}")
+            assert 1 <= len(states) <= 2 and "COMPLETED" in states, (gen, states)
+            assert set(states) <= {"COMPLETED", "CRASHED"}, (gen, states)
+        assert len([r for r in runs if r["name"] == f"{run_id}-gen-0"]) == 2  # both attempts
         lost_tasks = _post(
             f"{api}/task_runs/filter",
             {"flow_runs": {"id": {"any_": [r["id"] for r in runs]}}, "limit": 200},
