@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/sampler.py
 	$(BIN)/python bench/metrics.py --words 2000000
+	$(BIN)/python bench/downstream.py
 
 ui: $(STAMP)
 	$(BIN)/collapse ui
