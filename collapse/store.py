@@ -28,10 +28,22 @@ MANIFEST = "manifest.json"
 MANIFEST_LOCK = ".manifest.lock"
 CONFIG_FILE = "config.yaml"
 
-# flock alone would serialise threads too (each open() is its own lock holder), but a thread
-# lock per manifest keeps threads of one process from spinning on the file lock's fd.
+# A manifest update holds a thread lock (threads of one process) and a POSIX record lock on a
+# file beside the manifest (other processes). Not flock: a flock belongs to the open file, which
+# a process forked while a thread holds it shares, so the lock would outlive the thread's `with`
+# and deadlock everyone (seen in a test). POSIX locks are not inherited by a fork, and the child
+# gets fresh thread locks, since a fork copies locks held by threads that do not exist there.
 _MANIFEST_THREAD_LOCKS: dict[Path, threading.Lock] = {}
 _MANIFEST_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _fresh_manifest_locks_after_fork() -> None:
+    global _MANIFEST_THREAD_LOCKS_GUARD
+    _MANIFEST_THREAD_LOCKS.clear()
+    _MANIFEST_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_manifest_locks_after_fork)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -391,7 +403,7 @@ class RunStore:
         with thread_lock:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path.with_name(MANIFEST_LOCK), "a") as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+                fcntl.lockf(fh, fcntl.LOCK_EX)  # released when the file closes
                 yield
 
     def valid_record(self, generation: int, stage: str, key: str | None) -> dict[str, Any] | None:

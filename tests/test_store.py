@@ -168,3 +168,30 @@ def test_concurrent_stages_of_one_generation_keep_every_record(
     assert sorted(stages) == [f"eval.{n}" for n in names]
     RunStore(tmp_path, "run").drop_stage(1, "eval.m0")
     assert "eval.m0" not in RunStore(tmp_path, "run").read_manifest(1)["stages"]
+
+
+def test_a_process_forked_while_a_thread_holds_the_manifest_lock_does_not_deadlock(
+    tmp_path: Path,
+):
+    store = RunStore(tmp_path, "run")
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store.manifest_update(1):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    child = multiprocessing.get_context("fork").Process(target=_record, args=(tmp_path, "forked"))
+    child.start()  # forked while the thread holds both locks
+    release.set()
+    holder.join()
+    child.join(timeout=20)
+    stuck = child.is_alive()
+    if stuck:
+        child.kill()
+        child.join()
+    assert not stuck and child.exitcode == 0
+    assert "eval.forked" in store.read_manifest(1)["stages"]
