@@ -207,24 +207,41 @@ def table_columns(config: Any) -> list[Column]:
     return [c for m in config.eval.metrics for c in evaluation(m).columns_for(config)]
 
 
-def metrics_table(ctx: Context, generations: int | None = None) -> list[dict[str, Any]]:
+def metrics_table(
+    ctx: Context, generations: int | None = None, valid_only: bool = False
+) -> list[dict[str, Any]]:
     """One row per generation from the manifests: each evaluation's table values, and status.
 
     A value is None where its evaluation has not run (or does not apply, e.g. perplexity of
-    the human corpus).
+    the human corpus). `stages_done`/`stages_total` count the manifest's records (as
+    `collapse status` does).
+
+    Args:
+        ctx: the run's context.
+        generations: the last generation (default: run.generations).
+        valid_only: take values only from records whose key and outputs are still valid
+            (hashes every output: for comparing runs, e.g. a sweep's, not for every update).
     """
     last = ctx.config.run.generations if generations is None else generations
     rows = []
     for gen in range(0, last + 1):
-        stages = ctx.store.read_manifest(gen)["stages"]
+        recorded = ctx.store.read_manifest(gen)["stages"]
         row: dict[str, Any] = {"generation": gen}
         for m in ctx.config.eval.metrics:
             entry = evaluation(m)
+            stages = recorded
+            if valid_only:
+                stages = {}
+                if entry.applies_to(ctx.config, gen):
+                    for stage in entry.stages_for(ctx.config):
+                        record = valid_record(ctx, gen, stage) if stage in recorded else None
+                        if record is not None:
+                            stages[stage] = record
             result = entry.result_of(stages, ctx.config)
             for column in entry.columns_for(ctx.config):
                 row[column.key] = column_value(result, column.source)
         expected = stages_of(ctx, gen)
-        row["stages_done"] = sum(s in stages for s in expected)
+        row["stages_done"] = sum(s in recorded for s in expected)
         row["stages_total"] = len(expected)
         rows.append(row)
     return rows

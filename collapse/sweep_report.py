@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from collapse.context import Context
-from collapse.evals import Column, Evaluation, column_value, evaluation, registry
-from collapse.pipeline import stages_of, table_columns, valid_record
+from collapse.evals import Column, Evaluation, evaluation, registry
+from collapse.pipeline import metrics_table, table_columns
 from collapse.plotting import new_figure, png
 from collapse.report import CSS, img_tag
 from collapse.store import RunStore, atomic_write_bytes
@@ -34,37 +34,15 @@ def arm_context(arm: Arm) -> Context:
     return Context(arm.config, RunStore(arm.config.run.artifact_root, arm.run_id))
 
 
-def run_table(ctx: Context) -> list[dict[str, Any]]:
-    """One row per generation: each evaluation's table values from *valid* records only, and
-    `stages_done`/`stages_total` from the manifest (as `collapse status` counts them)."""
-    rows = []
-    for gen in range(0, ctx.config.run.generations + 1):
-        recorded = ctx.store.read_manifest(gen)["stages"]
-        row: dict[str, Any] = {"generation": gen}
-        for name in ctx.config.eval.metrics:
-            entry = evaluation(name)
-            valid: dict[str, Any] = {}
-            if entry.applies_to(ctx.config, gen):
-                for stage in entry.stages_for(ctx.config):
-                    record = valid_record(ctx, gen, stage) if stage in recorded else None
-                    if record is not None:
-                        valid[stage] = record
-            result = entry.result_of(valid, ctx.config)
-            for column in entry.columns_for(ctx.config):
-                row[column.key] = column_value(result, column.source)
-        expected = stages_of(ctx, gen)
-        row["stages_done"] = sum(s in recorded for s in expected)
-        row["stages_total"] = len(expected)
-        rows.append(row)
-    return rows
-
-
-Tables = dict[Path, list[dict[str, Any]]]  # run folder -> its run_table
+Tables = dict[Path, list[dict[str, Any]]]  # run folder -> its metrics table (valid records)
 
 
 def read_tables(sweep: Sweep) -> Tables:
-    """Every run's table (`run_table`), read once."""
-    return {arm.run_dir.resolve(): run_table(arm_context(arm)) for arm in sweep.runs}
+    """Every run's table (`metrics_table` of valid records only), read once."""
+    return {
+        arm.run_dir.resolve(): metrics_table(arm_context(arm), valid_only=True)
+        for arm in sweep.runs
+    }
 
 
 def generations_done(table: Table) -> int:
