@@ -175,22 +175,6 @@ def generation(
     return results
 
 
-def run_generation_remotely(
-    ctx: Context,
-    config: dict[str, Any],
-    run_id: str,
-    gen: int,
-    deployment: str,
-    stages: list[str] | None = None,
-) -> list[dict]:
-    """Run one generation (or its `stages`) on a deployment's work pool (see `dispatch_job`).
-
-    Returns:
-        One stage summary per stage run.
-    """
-    return dispatch_job(ctx, config, run_id, gen, deployment, stages)[0]
-
-
 def dispatch_job(
     ctx: Context,
     config: dict[str, Any],
@@ -278,7 +262,7 @@ def job_idempotency_key(name: str, key: str) -> str:
 def remote_stage(config: dict[str, Any], run_id: str, gen: int, name: str, deployment: str) -> dict:
     """Run one evaluation as its own flow run on the deployment's work pool (a GPU job)."""
     ctx = make_context(config, run_id)
-    (summary,) = run_generation_remotely(ctx, config, run_id, gen, deployment, [name])
+    (summary,) = dispatch_job(ctx, config, run_id, gen, deployment, [name])[0]
     return summary
 
 
@@ -515,7 +499,7 @@ def experiment(
             summaries = []
             for gen in range(0, total + 1):
                 if deployment:
-                    stages = run_generation_remotely(ctx, config, run_id, gen, deployment)
+                    stages = dispatch_job(ctx, config, run_id, gen, deployment)[0]
                 else:
                     stages = generation(config, run_id, gen)
                 summaries.append({"generation": gen, "stages": stages})
