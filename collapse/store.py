@@ -4,6 +4,10 @@ A stage is done iff its manifest entry exists, carries the stage's current key (
 content hashes of its inputs) and every output file still has the recorded sha256. Everything is
 written to a temporary name and renamed into place, and manifests are written after the outputs
 they describe, so a killed process never leaves a file that passes for finished.
+
+The artifact root may also be an fsspec URL (collapse.object_store): then the run folder here is
+a local staging copy, each finished stage is published to the URL (outputs, then its record), and
+a stage's inputs are fetched from the URL (and checked against their sha256) when it reads them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from collapse.errors import UserError
+from collapse.object_store import ObjectRoot, is_url, record_rel, stages_in, staging_root
 
 MANIFEST = "manifest.json"
 MANIFEST_LOCK = ".manifest.lock"
@@ -258,13 +263,51 @@ class RunLockedError(UserError, RuntimeError):
     """Another process holds the run's lock."""
 
 
-class RunStore:
-    """Paths, manifests and validity checks for one run folder."""
+class CorruptArtifactError(UserError):
+    """A published output that is missing or whose bytes differ from its record's sha256."""
 
-    def __init__(self, root: str | Path, run_id: str):
-        self.root = Path(root)
+
+class RunStore:
+    """Paths, manifests and validity checks for one run folder.
+
+    Under a URL root, `run_dir` is the run's local staging copy (see `pull` and `record_stage`).
+    """
+
+    def __init__(self, root: str | Path, run_id: str, staging: Path | None = None):
+        """Args:
+        root: the artifact root, a local path or an fsspec URL.
+        run_id: the run folder's name.
+        staging: under a URL root, where staging copies live (default: see
+            `collapse.object_store.staging_root`).
+        """
+        self.remote = ObjectRoot(str(root)) if is_url(root) else None
+        self.staging = staging
+        self.root = staging_root(self.remote.url, staging) if self.remote else Path(root)
         self.run_id = run_id
         self.run_dir = self.root / run_id
+        # Local copies whose sha256 was checked: path -> (sha256, size, mtime_ns).
+        self._verified: dict[Path, tuple[str, int, int]] = {}
+
+    @classmethod
+    def at(cls, location: str | Path, staging: Path | None = None) -> RunStore:
+        """The store of a run folder given by its path or URL (`<root>/<run-id>`)."""
+        text = str(location).rstrip("/")
+        if is_url(text):
+            parent, _, name = text.rpartition("/")
+            return cls(parent, name, staging)
+        path = Path(location)
+        return cls(path.parent, path.name)
+
+    @property
+    def location(self) -> str:
+        """Where the run lives: its folder, or its URL under a URL root."""
+        return self.remote.url_of(self.run_id) if self.remote else str(self.run_dir)
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.run_dir).as_posix()
+
+    def _object(self, rel: str) -> str:
+        return f"{self.run_id}/{rel}"
 
     def gen_dir(self, generation: int) -> Path:
         """Folder of generation `generation` (0 = the human corpus)."""
@@ -328,6 +371,16 @@ class RunStore:
 
     def read_manifest(self, generation: int) -> dict[str, Any]:
         """The generation's manifest, or an empty one when absent or unreadable."""
+        if self.remote is not None:
+            gen_dir = self.gen_dir(generation).name
+            listed = self.remote.sizes(self._object(f"{gen_dir}/records"))
+            names = {stage: self._object(record_rel(gen_dir, stage)) for stage in stages_in(listed)}
+            blobs = self.remote.read_many(list(names.values()))
+            stages = {}
+            for stage, name in names.items():
+                with contextlib.suppress(KeyError, json.JSONDecodeError):
+                    stages[stage] = json.loads(blobs[name])
+            return {"generation": generation, "stages": stages}
         path = self.manifest_path(generation)
         try:
             data = json.loads(path.read_text())
@@ -338,14 +391,13 @@ class RunStore:
 
     def generations_on_disk(self) -> list[int]:
         """Generation numbers that have a folder."""
-        if not self.run_dir.is_dir():
+        if self.remote is not None:
+            names = self.remote.children(self.run_id)
+        elif self.run_dir.is_dir():
+            names = [child.name for child in self.run_dir.glob("gen-*") if child.is_dir()]
+        else:
             return []
-        gens = []
-        for child in self.run_dir.glob("gen-*"):
-            suffix = child.name[4:]
-            if child.is_dir() and suffix.isdigit():
-                gens.append(int(suffix))
-        return sorted(gens)
+        return sorted(int(n[4:]) for n in names if n.startswith("gen-") and n[4:].isdigit())
 
     def record_stage(
         self,
@@ -370,19 +422,31 @@ class RunStore:
             The stage record: key, outputs (run-relative path -> sha256), digest, info.
         """
         files: dict[str, str] = {}
+        sizes: dict[str, int] = {}
         for out in outputs:
             targets = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else [out]
             for file in targets:
-                files[str(file.relative_to(self.run_dir))] = sha256_file(file)
+                rel = str(file.relative_to(self.run_dir))
+                files[rel] = self._hash_local(file)
+                sizes[rel] = file.stat().st_size
         record = {
             "key": key,
             "outputs": files,
+            "bytes": sizes,
             "digest": sha256_json(files),
             "info": info or {},
             "completed_at": now_iso(),
         }
         if copied_from is not None:
             record["copied_from"] = copied_from
+        if self.remote is not None:
+            # Outputs first, the record last: whoever sees the record finds them complete.
+            for rel in files:
+                self.remote.put(self.run_dir / rel, self._object(rel))
+            blob = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+            gen_dir = self.gen_dir(generation).name
+            self.remote.put_bytes(blob, self._object(record_rel(gen_dir, stage)))
+            return record
         with self.manifest_update(generation):
             manifest = self.read_manifest(generation)
             manifest["stages"][stage] = record
@@ -406,19 +470,147 @@ class RunStore:
                 fcntl.lockf(fh, fcntl.LOCK_EX)  # released when the file closes
                 yield
 
+    def read_record(self, generation: int, stage: str) -> dict[str, Any] | None:
+        """The stage's record as written (not checked), None when there is none."""
+        if self.remote is None:
+            return self.read_manifest(generation)["stages"].get(stage)
+        blob = self.remote.read(self._object(record_rel(self.gen_dir(generation).name, stage)))
+        try:
+            return None if blob is None else json.loads(blob)
+        except json.JSONDecodeError:
+            return None
+
     def valid_record(self, generation: int, stage: str, key: str | None) -> dict[str, Any] | None:
-        """The stage's record if it is done: same key and every output matches its sha256."""
-        record = self.read_manifest(generation)["stages"].get(stage)
+        """The stage's record if it is done: same key and every output matches its sha256.
+
+        Under a URL root an output counts when its object exists with the recorded size (hashing
+        it would mean downloading it); its sha256 is checked when it is fetched (`pull`).
+        """
+        record = self.read_record(generation, stage)
         if record is None or (key is not None and record.get("key") != key):
             return None
+        if self.remote is not None:
+            return record if self._published(record) else None
         for rel, digest in record["outputs"].items():
             path = self.run_dir / rel
             if not path.is_file() or sha256_file(path) != digest:
                 return None
         return record
 
+    def _published(self, record: dict[str, Any]) -> bool:
+        """Whether every output of a record is an object of the recorded size."""
+        listed: dict[str, dict[str, int]] = {}
+        sizes = record.get("bytes", {})
+        for rel in record["outputs"]:
+            top, _, inner = rel.partition("/")
+            if top not in listed:
+                listed[top] = self.remote.sizes(self._object(top))
+            size = listed[top].get(inner)
+            if size is None or size != sizes.get(rel, size):
+                return False
+        return True
+
+    def _hash_local(self, path: Path) -> str:
+        """sha256 of a local file, remembered while its size and mtime stay the same."""
+        stat = path.stat()
+        seen = self._verified.get(path)
+        if seen is not None and seen[1:] == (stat.st_size, stat.st_mtime_ns):
+            return seen[0]
+        digest = sha256_file(path)
+        self._verified[path] = (digest, stat.st_size, stat.st_mtime_ns)
+        return digest
+
+    def pull(self, path: Path) -> Path:
+        """Make the published outputs at or under `path` present here; returns `path`.
+
+        A no-op under a local root. Under a URL root, each recorded output at or under `path`
+        whose local copy is missing or differs is downloaded and checked against its sha256, and
+        files under a pulled folder that no record lists (left from an earlier computation) are
+        removed, so the folder holds exactly what was published.
+
+        Raises:
+            CorruptArtifactError: an output is missing or differs from its record; that record
+                is dropped, so the next attempt recomputes the stage.
+        """
+        if self.remote is None:
+            return path
+        rel = self._rel(path)
+        top = rel.split("/", 1)[0]
+        if not (top.startswith("gen-") and top[4:].isdigit()):
+            return path
+        generation = int(top[4:])
+        wanted: set[Path] = set()
+        for stage, record in self.read_manifest(generation)["stages"].items():
+            for out, digest in record["outputs"].items():
+                if out == rel or out.startswith(rel + "/"):
+                    self._fetch(generation, stage, out, digest)
+                    wanted.add(self.run_dir / out)
+        if wanted and path.is_dir():
+            for stale in [p for p in path.rglob("*") if p.is_file() and p not in wanted]:
+                stale.unlink()
+        return path
+
+    def _fetch(self, generation: int, stage: str, rel: str, digest: str) -> None:
+        local = self.run_dir / rel
+        if local.is_file() and self._hash_local(local) == digest:
+            return
+        try:
+            with atomic_path(local) as tmp:
+                self.remote.get(self._object(rel), tmp)
+                if sha256_file(tmp) != digest:
+                    raise CorruptArtifactError("sha256 differs")
+        except (CorruptArtifactError, FileNotFoundError) as exc:
+            self.drop_stage(generation, stage)
+            problem = "is missing" if isinstance(exc, FileNotFoundError) else "differs"
+            raise CorruptArtifactError(
+                f"{self.remote.url_of(self._object(rel))} {problem} from what stage {stage} of "
+                f"generation {generation} recorded; that record is dropped, so running again "
+                "recomputes the stage"
+            ) from None
+        self._hash_local(local)
+
+    def write_run_file(self, path: Path, data: bytes) -> None:
+        """Write a run-level file (e.g. the frozen config) here and, under a URL root, there."""
+        atomic_write_bytes(path, data)
+        if self.remote is not None:
+            self.remote.put(path, self._object(self._rel(path)))
+
+    def read_run_file(self, path: Path) -> bytes | None:
+        """A run-level file's bytes (from the URL under a URL root), None when absent."""
+        if self.remote is not None:
+            return self.remote.read(self._object(self._rel(path)))
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def started(self) -> bool:
+        """Whether the run has a frozen config (it was started at least once)."""
+        if self.remote is not None:
+            return self.remote.exists(self._object(CONFIG_FILE))
+        return self.config_path.is_file()
+
+    def publish(self, path: Path) -> str:
+        """Upload a file or folder of the run that is no stage's output (e.g. the report).
+
+        Returns:
+            Where it now is: its URL under a URL root, else its path.
+        """
+        if self.remote is None:
+            return str(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            self.remote.put(file, self._object(self._rel(file)))
+        return self.remote.url_of(self._object(self._rel(path)))
+
     def sibling_runs(self) -> list[RunStore]:
         """The other runs under the same artifact root (folders with a saved config)."""
+        if self.remote is not None:
+            return [
+                RunStore(self.remote.url, name, self.staging)
+                for name in self.remote.children("")
+                if name != self.run_id and self.remote.exists(f"{name}/{CONFIG_FILE}")
+            ]
         if not self.root.is_dir():
             return []
         return [
@@ -436,6 +628,11 @@ class RunStore:
         """
         files = []
         for rel, digest in record["outputs"].items():
+            if other.remote is not None:
+                try:
+                    other.pull(other.run_dir / rel)
+                except CorruptArtifactError:
+                    return None
             target = self.run_dir / rel
             with atomic_path(target) as tmp:
                 tmp.unlink()
@@ -452,6 +649,10 @@ class RunStore:
 
     def drop_stage(self, generation: int, stage: str) -> None:
         """Forget a stage (its outputs stay until overwritten)."""
+        if self.remote is not None:
+            gen_dir = self.gen_dir(generation).name
+            self.remote.remove(self._object(record_rel(gen_dir, stage)))
+            return
         with self.manifest_update(generation):
             manifest = self.read_manifest(generation)
             if manifest["stages"].pop(stage, None) is not None:
@@ -461,7 +662,14 @@ class RunStore:
         """Remove the manifests of `generation` and every later one, so all are recomputed."""
         dropped = []
         for gen in self.generations_on_disk():
-            if gen >= generation and self.manifest_path(gen).exists():
+            if gen >= generation and self.remote is not None:
+                gen_dir = self.gen_dir(gen).name
+                stages = stages_in(self.remote.sizes(self._object(f"{gen_dir}/records")))
+                for stage in stages:
+                    self.remote.remove(self._object(record_rel(gen_dir, stage)))
+                if stages:
+                    dropped.append(gen)
+            elif gen >= generation and self.manifest_path(gen).exists():
                 with self.manifest_update(gen):
                     self.manifest_path(gen).unlink(missing_ok=True)
                 dropped.append(gen)
@@ -469,7 +677,12 @@ class RunStore:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold an exclusive lock on the run folder for the duration of a run."""
+        """Hold an exclusive lock on the run folder for the duration of a run.
+
+        Under a URL root this locks the staging copy, which keeps out other processes of this
+        machine only: object stores have no locks (the experiment flow adds a Prefect
+        concurrency limit per run for the others).
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fh = open(self.run_dir / ".lock", "w")  # noqa: SIM115 (held for the whole block)
         try:

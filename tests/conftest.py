@@ -14,10 +14,12 @@ from collapse.config import Config, ModelConfig
 from collapse.context import Context
 from collapse.evals import registry
 from collapse.models import build_model
+from collapse.object_store import STAGING_ENV
 from collapse.pipeline import freeze_config, run_stage, stages_of
 from collapse.store import RunStore
 
 from .judge_server import JudgeServer
+from .object_roots import ROOT_KINDS, Root, make_root, s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,6 +118,21 @@ def run_all(ctx: Context) -> dict[tuple[int, str], dict]:
         for stage in stages_of(ctx, gen):
             records[(gen, stage)] = run_stage(ctx, gen, stage)
     return records
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory) -> Iterator[str]:
+    """A real S3-compatible server (moto) on 127.0.0.1 for the session; s3fs's env points at it."""
+    with s3_server(tmp_path_factory.mktemp("moto") / "moto.log") as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(params=ROOT_KINDS)
+def artifact_root(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Root:
+    """An empty artifact root of each kind: a local path, `file://`, and a bucket on S3."""
+    endpoint = request.getfixturevalue("s3_endpoint") if request.param == "s3" else None
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    return make_root(request.param, tmp_path, endpoint)
 
 
 PLANTED_KEY = "sk-test-PLANTED-pipeline-4242"

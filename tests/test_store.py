@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from collapse import store as store_module
+from collapse.object_store import ObjectRoot
 from collapse.store import (
+    CorruptArtifactError,
     RunLockedError,
     RunStore,
     StorageFullError,
@@ -23,6 +26,7 @@ from collapse.store import (
 )
 
 from .conftest import TORCH_FULL_DISK, report_no_free_space
+from .object_roots import Root
 
 
 def test_atomic_write_replaces_whole_or_not_at_all(tmp_path: Path):
@@ -35,30 +39,130 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
-def _store_with_stage(tmp_path: Path) -> tuple[RunStore, Path]:
-    store = RunStore(tmp_path, "run")
+def _store_with_stage(root: Root) -> tuple[RunStore, Path]:
+    store = root.store()
     out = store.gen_dir(1) / "eval" / "x.json"
     atomic_write_bytes(out, b'{"a": 1}')
     store.record_stage(1, "eval.x", "key-1", [out], {"a": 1})
     return store, out
 
 
-def test_valid_record_needs_same_key_and_intact_outputs(tmp_path: Path):
-    store, out = _store_with_stage(tmp_path)
+def _usable(root: Root, stage: str, key: str, reader: Path) -> bool:
+    """Whether a reader elsewhere (staging of its own) finds the stage done and gets its files."""
+    store = RunStore(root.root, "run", staging=reader)
+    record = store.valid_record(1, stage, key)
+    if record is None:
+        return False
+    try:
+        for rel in record["outputs"]:
+            store.pull(store.run_dir / rel)
+    except CorruptArtifactError:
+        return False
+    return all((store.run_dir / rel).is_file() for rel in record["outputs"])
+
+
+def test_valid_record_needs_same_key_and_intact_outputs(artifact_root: Root, tmp_path: Path):
+    store, out = _store_with_stage(artifact_root)
+    rel = "gen-001/eval/x.json"
     record = store.valid_record(1, "eval.x", "key-1")
     assert record is not None
-    assert record["outputs"] == {"gen-001/eval/x.json": sha256_file(out)}
-    assert store.valid_record(1, "eval.x", "key-2") is None
-    out.write_bytes(b'{"a": 2}')  # same size, other content
-    assert store.valid_record(1, "eval.x", "key-1") is None
-    out.write_bytes(b"")  # truncated
-    assert store.valid_record(1, "eval.x", "key-1") is None
-    out.unlink()
-    assert store.valid_record(1, "eval.x", "key-1") is None
+    assert record["outputs"] == {rel: sha256_file(out)}
+    assert _usable(artifact_root, "eval.x", "key-1", tmp_path / "reader-0")
+    assert not _usable(artifact_root, "eval.x", "key-2", tmp_path / "reader-1")
+    for i, damage in enumerate([b'{"a": 2}', b"", None]):  # same size, truncated, gone
+        atomic_write_bytes(out, b'{"a": 1}')
+        store.record_stage(1, "eval.x", "key-1", [out], {"a": 1})
+        if damage is None:
+            artifact_root.delete(store, rel)
+        else:
+            artifact_root.overwrite(store, rel, damage)
+        assert not _usable(artifact_root, "eval.x", "key-1", tmp_path / f"reader-{i + 2}")
 
 
-def test_invalidate_from_drops_later_manifests(tmp_path: Path):
-    store = RunStore(tmp_path, "run")
+def test_a_damaged_published_output_drops_its_record_when_fetched(
+    artifact_root: Root, tmp_path: Path
+):
+    if artifact_root.kind == "path":
+        pytest.skip("a local root has no published copy: its valid_record hashes the file")
+    store, _ = _store_with_stage(artifact_root)
+    artifact_root.overwrite(store, "gen-001/eval/x.json", b'{"a": 2}')  # same size
+    reader = RunStore(artifact_root.root, "run", staging=tmp_path / "reader")
+    with pytest.raises(CorruptArtifactError, match="differs from what stage eval.x"):
+        reader.pull(reader.eval_path(1, "x"))
+    assert not reader.eval_path(1, "x").exists()
+    assert store.valid_record(1, "eval.x", "key-1") is None  # recomputed on the next attempt
+
+
+def test_a_reader_elsewhere_gets_exactly_the_published_folder(artifact_root: Root, tmp_path: Path):
+    store = artifact_root.store()
+    folder = store.model_dir(1)
+    for name, data in [("config.json", b"{}"), ("weights", b"w" * 100), ("sub/extra", b"x")]:
+        atomic_write_bytes(folder / name, data)
+    store.record_stage(1, "train", "k", [folder])
+    reader = RunStore(artifact_root.root, "run", staging=tmp_path / "reader")
+    atomic_write_bytes(reader.model_dir(1) / "stale", b"from an earlier computation")
+    got = reader.pull(reader.model_dir(1))
+    files = sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file())
+    if artifact_root.kind == "path":  # the same folder: nothing to fetch or prune
+        assert got == folder
+    else:
+        assert files == ["config.json", "sub/extra", "weights"]
+        assert (got / "weights").read_bytes() == b"w" * 100
+
+
+def test_an_interrupted_publish_leaves_no_valid_record(
+    artifact_root: Root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    store = artifact_root.store()
+    outs = [store.gen_dir(1) / "corpus" / f"part-{i}.parquet" for i in range(3)]
+    for i, out in enumerate(outs):
+        atomic_write_bytes(out, bytes([i]) * 1000)
+    calls = []
+
+    def killed(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # a write after the first output: the process dies here
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    if store.remote is None:  # outputs are in place already: it dies writing the manifest
+        real = store_module.atomic_write_json
+        calls.append(None)
+        monkeypatch.setattr(store_module, "atomic_write_json", killed)
+    else:
+        real = ObjectRoot.put
+        monkeypatch.setattr(ObjectRoot, "put", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.record_stage(1, "sample", "k", [store.gen_dir(1) / "corpus"])
+    monkeypatch.undo()
+    assert not _usable(artifact_root, "sample", "k", tmp_path / "reader-0")
+    assert not [n for n in artifact_root.stored(store) if n.endswith(".tmp")]
+    store.record_stage(1, "sample", "k", [store.gen_dir(1) / "corpus"])  # the retry
+    assert _usable(artifact_root, "sample", "k", tmp_path / "reader-1")
+
+
+def test_an_interrupted_upload_leaves_the_old_file(
+    artifact_root: Root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    if artifact_root.kind != "file":
+        pytest.skip("a path is written by atomic_path (tested above); an S3 PUT is atomic")
+    remote = ObjectRoot(artifact_root.root)
+    remote.put_bytes(b"old", "run/f")
+    source = tmp_path / "new"
+    source.write_bytes(b"new content")
+
+    def half(lpath: str, rpath: str, **kwargs) -> None:
+        Path(rpath).write_bytes(Path(lpath).read_bytes()[:3])
+        raise OSError("connection lost")
+
+    monkeypatch.setattr(remote.fs, "put_file", half)
+    with pytest.raises(OSError, match="connection lost"):
+        remote.put(source, "run/f")
+    assert artifact_root.stored(RunStore(artifact_root.root, "run")) == {"f": b"old"}
+
+
+def test_invalidate_from_drops_later_manifests(artifact_root: Root):
+    store = artifact_root.store()
     for gen in range(4):
         out = store.gen_dir(gen) / "f"
         atomic_write_bytes(out, b"x")
@@ -66,16 +170,29 @@ def test_invalidate_from_drops_later_manifests(tmp_path: Path):
     assert store.invalidate_from(2) == [2, 3]
     assert store.valid_record(1, "s", "k") is not None
     assert store.valid_record(2, "s", "k") is None
+    assert store.generations_on_disk() == [0, 1, 2, 3]
 
 
-def test_a_run_can_be_held_by_one_process_only(tmp_path: Path):
-    store = RunStore(tmp_path, "run")
+def test_a_run_can_be_held_by_one_process_only(artifact_root: Root):
+    store = artifact_root.store()
     with (
         store.lock(),
         pytest.raises(RunLockedError, match="in use"),
-        RunStore(tmp_path, "run").lock(),
+        artifact_root.store().lock(),
     ):
         pass
+
+
+def test_run_files_and_siblings_are_found_where_the_root_is(artifact_root: Root, tmp_path: Path):
+    first, second = artifact_root.store("first"), artifact_root.store("second")
+    assert not first.started()
+    first.write_run_file(first.config_path, b"run: {}\n")
+    second.write_run_file(second.config_path, b"run: {}\n")
+    reader = RunStore(artifact_root.root, "first", staging=tmp_path / "reader")
+    assert reader.started() and reader.read_run_file(reader.config_path) == b"run: {}\n"
+    assert reader.read_run_file(reader.config_hash_path) is None
+    assert [s.run_id for s in reader.sibling_runs()] == ["second"]
+    assert RunStore.at(first.location).location == first.location
 
 
 def test_a_write_failing_on_a_full_disk_is_a_storage_full_error(
@@ -140,7 +257,7 @@ def _slow_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(RunStore, "read_manifest", slow)
 
 
-def _record(root: Path, stage: str) -> None:
+def _record(root: str | Path, stage: str) -> None:
     store = RunStore(root, "run")  # a store of its own, as each Prefect task builds one
     out = store.eval_path(1, stage)
     atomic_write_bytes(out, b"{}")
@@ -148,15 +265,16 @@ def _record(root: Path, stage: str) -> None:
 
 
 def test_concurrent_stages_of_one_generation_keep_every_record(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    artifact_root: Root, monkeypatch: pytest.MonkeyPatch
 ):
     _slow_reads(monkeypatch)
+    root = artifact_root.root
     names = [f"m{i}" for i in range(6)]
-    threads = [threading.Thread(target=_record, args=(tmp_path, n)) for n in names[:3]]
+    threads = [threading.Thread(target=_record, args=(root, n)) for n in names[:3]]
     # and processes (e.g. work-pool workers sharing the artifact root), which see the
     # slowed reads too: fork copies the patched class
     procs = [
-        multiprocessing.get_context("fork").Process(target=_record, args=(tmp_path, n))
+        multiprocessing.get_context("fork").Process(target=_record, args=(root, n))
         for n in names[3:]
     ]
     for worker in [*threads, *procs]:
@@ -164,10 +282,10 @@ def test_concurrent_stages_of_one_generation_keep_every_record(
     for worker in [*threads, *procs]:
         worker.join()
     assert [p.exitcode for p in procs] == [0, 0, 0]
-    stages = RunStore(tmp_path, "run").read_manifest(1)["stages"]
+    stages = RunStore(root, "run").read_manifest(1)["stages"]
     assert sorted(stages) == [f"eval.{n}" for n in names]
-    RunStore(tmp_path, "run").drop_stage(1, "eval.m0")
-    assert "eval.m0" not in RunStore(tmp_path, "run").read_manifest(1)["stages"]
+    RunStore(root, "run").drop_stage(1, "eval.m0")
+    assert "eval.m0" not in RunStore(root, "run").read_manifest(1)["stages"]
 
 
 def test_a_process_forked_while_a_thread_holds_the_manifest_lock_does_not_deadlock(

@@ -24,6 +24,7 @@ from collapse.context import (
     load_run_tokenizer,
     read_result,
     stage_record,
+    validation_path,
 )
 from collapse.evals.base import Column, Evaluation, Figure
 from collapse.sections import PositiveFloat, PositiveInt, Section
@@ -128,7 +129,7 @@ def _key(ctx: Context, gen: int, task: str) -> list[Any]:
 def _stories(ctx: Context) -> list[str]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(ctx.store.validation_path(), columns=["text"])["text"].to_pylist()
+    return pq.read_table(validation_path(ctx), columns=["text"])["text"].to_pylist()
 
 
 def _run(ctx: Context, gen: int, task: str) -> tuple[dict[str, Any], list[Path]]:

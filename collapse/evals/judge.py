@@ -24,6 +24,7 @@ from collapse.context import (
     load_run_tokenizer,
     read_result,
     stage_record,
+    validation_path,
 )
 from collapse.evals.base import Column, Evaluation, Figure
 from collapse.sections import PositiveFloat, PositiveInt, Section
@@ -158,7 +159,7 @@ def _prompts(ctx: Context) -> list[str]:
     judge = ctx.config.eval.judge
     validation = None
     if judge.prompts == "validation":
-        validation = list(corpus_texts([ctx.store.validation_path()]))
+        validation = list(corpus_texts([validation_path(ctx)]))
     return load_prompts(
         judge.prompts,
         path=_prompts_file(ctx.config) if judge.prompts == "file" else None,

@@ -57,11 +57,11 @@ def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
         extra.append(lexicon_path(ctx))
         ctx.log(f"lexicon: {lexicon.name} {lexicon.version}, {lexicon.size:,} words")
     else:
-        lexicon = load_lexicon(lexicon_path(ctx))
+        lexicon = load_lexicon(ctx.store.pull(lexicon_path(ctx)))
     result = count_oov_shards(
         corpus_shards(ctx, gen),
         lexicon,
-        ctx.store.tokenizer_dir(),
+        ctx.store.pull(ctx.store.tokenizer_dir()),
         processes=oov.processes,
         max_documents=oov.max_documents,
     )

@@ -6,7 +6,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from collapse.context import Context, corpus_digest, load_model, load_run_tokenizer, stage_record
+from collapse.context import (
+    Context,
+    corpus_digest,
+    load_model,
+    load_run_tokenizer,
+    stage_record,
+    validation_path,
+)
 from collapse.evals.base import Column, Evaluation, Figure
 
 
@@ -34,7 +41,7 @@ def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
     model = load_model(ctx, gen, device)
     result = perplexity(
         model,
-        list(documents([ctx.store.validation_path()])),
+        list(documents([validation_path(ctx)])),
         start_id,
         end_id,
         context=context_window(cfg),
