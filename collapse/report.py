@@ -51,10 +51,10 @@ class RunData:
         return self.context.config
 
 
-def load_run(run_dir: Path) -> RunData:
-    """Read a run's config and metrics table from its directory."""
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run's config and metrics table from its directory (or its URL)."""
     try:
-        ctx = open_run(Path(run_dir))
+        ctx = open_run(run_dir)
     except RunNotFoundError as exc:
         raise ReportError(str(exc)) from None
     return RunData(ctx, metrics_table(ctx))
@@ -111,7 +111,7 @@ def render_html(runs: Sequence[RunData], figures: dict[str, bytes | None]) -> st
     for run in runs:
         parts += [
             f"<h2>Run {html.escape(run.run_id)}</h2>",
-            f"<p>Artifacts: <code>{html.escape(str(run.run_dir.resolve()))}</code></p>",
+            f"<p>Artifacts: <code>{html.escape(run.context.store.location)}</code></p>",
             _table_html(run),
         ]
         for name, entry in registry().items():
@@ -125,15 +125,17 @@ def render_html(runs: Sequence[RunData], figures: dict[str, bytes | None]) -> st
     return "\n".join(parts)
 
 
-def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
+def write_report(run_dirs: Sequence[str | Path], out_dir: Path | None = None) -> Path:
     """Write report.html and figures/*.png; returns the path of report.html.
 
     Args:
-        run_dirs: one or more run directories.
-        out_dir: where to write; default: the run directory for one run, else
-            `<artifact root>/reports/<run1>+<run2>...` next to the first run.
+        run_dirs: one or more run directories (or URLs of runs under a URL root).
+        out_dir: where to write; default: the run directory for one run (under a URL root:
+            its staging copy, and the report is uploaded to the run's URL too), else
+            `<artifact root>/reports/<run1>+<run2>...` next to the first run (its staging
+            copy, under a URL root).
     """
-    runs = [load_run(Path(d)) for d in run_dirs]
+    runs = [load_run(d) for d in run_dirs]
     if not runs:
         raise ReportError("give at least one run")
     if out_dir is None:
@@ -149,6 +151,10 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
             atomic_write_bytes(out_dir / "figures" / f"{name}.png", png)
     page = out_dir / "report.html"
     atomic_write_bytes(page, render_html(runs, figures).encode())
+    if out_dir == runs[0].run_dir and len(runs) == 1:
+        for written in [page, out_dir / "figures"]:
+            if written.exists():
+                runs[0].context.store.publish(written)
     return page
 
 
@@ -157,7 +163,7 @@ def summary_markdown(run: RunData) -> str:
     lines = [
         f"# Run {run.run_id}",
         "",
-        f"Artifacts: `{run.run_dir.resolve()}`",
+        f"Artifacts: `{run.context.store.location}`",
         "",
         markdown_table(run.rows, table_columns(run.config)),
     ]

@@ -259,6 +259,34 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def run_ids(root: str | Path) -> list[str]:
+    """The runs under an artifact root (a path or URL): folders with a saved config."""
+    if is_url(root):
+        remote = ObjectRoot(str(root))
+        return [n for n in remote.children("") if remote.exists(f"{n}/{CONFIG_FILE}")]
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / CONFIG_FILE).is_file())
+
+
+def child_root(root: str | Path, name: str) -> str:
+    """`<root>/<name>` for a path or URL root."""
+    return f"{str(root).rstrip('/')}/{name}" if is_url(root) else str(Path(root) / name)
+
+
+def canonical_root(root: str | Path) -> str:
+    """One spelling per artifact root, to tell whether two configs name the same one."""
+    return str(root).rstrip("/") if is_url(root) else str(Path(root).resolve())
+
+
+def run_location(run: str, root: str | Path) -> str:
+    """Where a run named on the command line is: a URL or folder as given, else `<root>/<run>`."""
+    if is_url(run) or Path(run).is_dir():
+        return run
+    return child_root(root, run)
+
+
 class RunLockedError(UserError, RuntimeError):
     """Another process holds the run's lock."""
 
@@ -300,8 +328,8 @@ class RunStore:
 
     @property
     def location(self) -> str:
-        """Where the run lives: its folder, or its URL under a URL root."""
-        return self.remote.url_of(self.run_id) if self.remote else str(self.run_dir)
+        """Where the run lives: its absolute folder, or its URL under a URL root."""
+        return self.remote.url_of(self.run_id) if self.remote else str(self.run_dir.resolve())
 
     def _rel(self, path: Path) -> str:
         return path.relative_to(self.run_dir).as_posix()
@@ -605,19 +633,8 @@ class RunStore:
 
     def sibling_runs(self) -> list[RunStore]:
         """The other runs under the same artifact root (folders with a saved config)."""
-        if self.remote is not None:
-            return [
-                RunStore(self.remote.url, name, self.staging)
-                for name in self.remote.children("")
-                if name != self.run_id and self.remote.exists(f"{name}/{CONFIG_FILE}")
-            ]
-        if not self.root.is_dir():
-            return []
-        return [
-            RunStore(self.root, path.name)
-            for path in sorted(self.root.iterdir())
-            if path.name != self.run_id and (path / CONFIG_FILE).is_file()
-        ]
+        root = self.remote.url if self.remote is not None else self.root
+        return [RunStore(root, name, self.staging) for name in run_ids(root) if name != self.run_id]
 
     def adopt_outputs(self, other: RunStore, record: dict[str, Any]) -> list[Path] | None:
         """Hard-link (or copy) another run's recorded outputs to the same places in this run.
@@ -680,8 +697,10 @@ class RunStore:
         """Hold an exclusive lock on the run folder for the duration of a run.
 
         Under a URL root this locks the staging copy, which keeps out other processes of this
-        machine only: object stores have no locks (the experiment flow adds a Prefect
-        concurrency limit per run for the others).
+        machine only: object stores have no locks. There, one flow run per run is what
+        `collapse submit` guarantees (its idempotency key); should two machines still run one
+        run, no mixed output is ever used, since every fetched file is checked against its
+        record's sha256 (see `pull`).
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fh = open(self.run_dir / ".lock", "w")  # noqa: SIM115 (held for the whole block)

@@ -30,7 +30,7 @@ from collapse.config import (
 )
 from collapse.errors import UserError
 from collapse.sections import PositiveInt
-from collapse.store import CONFIG_FILE
+from collapse.store import RunStore, canonical_root, child_root
 
 SEED_KEY = "run.seed"
 # Keys a sweep file has and a config never has: how a sweep file is told from a config.
@@ -112,9 +112,14 @@ class Arm:
         return run_id_for(self.config)
 
     @property
+    def store(self) -> RunStore:
+        """The arm's run store."""
+        return RunStore(self.config.run.artifact_root, self.run_id)
+
+    @property
     def run_dir(self) -> Path:
-        """The arm's run folder."""
-        return Path(self.config.run.artifact_root) / self.run_id
+        """The arm's run folder (its staging copy under a URL root)."""
+        return self.store.run_dir
 
     @property
     def seed(self) -> int:
@@ -157,14 +162,11 @@ class Sweep:
         return found
 
     @property
-    def artifact_root(self) -> Path:
-        """The artifact root shared by every arm."""
-        return Path(self.arms[0].config.run.artifact_root)
-
-    @property
     def report_dir(self) -> Path:
-        """Where the comparison report goes: `<artifact_root>/reports/sweep-<name>`."""
-        return self.artifact_root / "reports" / f"sweep-{self.name}"
+        """Where the comparison report goes: `<artifact_root>/reports/sweep-<name>` (under a
+        URL root: in its local staging copy)."""
+        root = child_root(self.arms[0].config.run.artifact_root, "reports")
+        return RunStore(root, f"sweep-{self.name}").run_dir
 
 
 def is_sweep_file(path: str | Path) -> bool:
@@ -218,7 +220,7 @@ def _load_arm(
             return None, exc.problems
         raise
     # A started run may no longer need its inputs (as in `collapse run`): checked before start.
-    started = (Path(config.run.artifact_root) / run_id_for(config) / CONFIG_FILE).is_file()
+    started = RunStore(config.run.artifact_root, run_id_for(config)).started()
     if check_inputs and not started:
         missing = input_problems(config_to_dict(config))
         if missing:
@@ -319,7 +321,7 @@ def _shared_run_problems(arms: list[Arm]) -> list[str]:
                 f"arms {other.label} and {arm.label} are one run ({other.run_id}) but differ in "
                 f"{keys}: keys left out of the run id cannot tell arms apart"
             )
-    roots = sorted({str(arm.config.run.artifact_root) for arm in arms})
+    roots = sorted({canonical_root(arm.config.run.artifact_root) for arm in arms})
     if len(roots) > 1:
         problems.append(f"run.artifact_root must be the same for every arm, got {roots}")
     return problems

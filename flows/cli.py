@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # (its corpus stage is done), and the stage that reads a file checks it if it must run.
     from collapse.store import RunStore
 
-    if not RunStore(config.run.artifact_root, run_id_for(config)).config_path.is_file():
+    if not RunStore(config.run.artifact_root, run_id_for(config)).started():
         missing = input_problems(config_to_dict(config))
         if missing:
             return _fail(str(ConfigError(missing)))
@@ -135,9 +135,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from collapse.table import text_table
     from flows.experiment import experiment
 
-    run_dir = Path(config.run.artifact_root) / run_id
+    where = RunStore(config.run.artifact_root, run_id).location
     server = api_url if shared else f"ephemeral server {api_url}"
-    print(f"run {run_id}: {run_dir}  (Prefect: {server})")
+    print(f"run {run_id}: {where}  (Prefect: {server})")
     started = time.perf_counter()
     user_errors = (UserError,)
     console = console_filter(user_errors)
@@ -175,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(text_table(result["table"], table_columns(config)))
     print(f"\nreport:    {result['report']}")
-    print(f"artifacts: {run_dir.resolve()}   ({seconds:.1f} s)")
+    print(f"artifacts: {where}   ({seconds:.1f} s)")
     return 0
 
 
@@ -271,29 +271,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     """`collapse status [RUN | --sweep SWEEP]`: per-generation stage table from the manifests."""
     from collapse.context import RunNotFoundError, open_run
     from collapse.pipeline import metrics_table, table_columns
-    from collapse.store import CONFIG_FILE, RunStore
+    from collapse.store import RunStore, run_ids, run_location
     from collapse.table import text_table
 
     if args.sweep:
         if args.run is not None:
             return _fail("give a run or --sweep, not both")
         return _sweep_status(args.sweep)
-    root = Path(args.root)
     if args.run is None:
-        runs = sorted(p.name for p in root.glob("*") if (p / CONFIG_FILE).is_file())
+        runs = run_ids(args.root)
         if not runs:
-            print(f"no runs under {root}")
+            print(f"no runs under {args.root}")
             return 0
         for run in runs:
-            store = RunStore(root, run)
+            store = RunStore(args.root, run)
             print(f"{run}  generations on disk: {len(store.generations_on_disk())}")
         return 0
-    run_dir = Path(args.run) if Path(args.run).is_dir() else root / args.run
     try:
-        ctx = open_run(run_dir)
+        ctx = open_run(run_location(args.run, args.root))
     except RunNotFoundError as exc:
         return _fail(str(exc))
-    print(f"run {run_dir.name}  ({run_dir.resolve()})\n")
+    print(f"run {ctx.store.run_id}  ({ctx.store.location})\n")
     print("\n".join(_progress_lines(ctx)))
     print()
     print(text_table(metrics_table(ctx), table_columns(ctx.config)))
@@ -342,7 +340,7 @@ def _sweep_status(path: str) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """`collapse report RUN [RUN ...] | --sweep SWEEP`: report.html and PNG figures."""
     from collapse.report import ReportError, write_report
-    from collapse.store import CONFIG_FILE
+    from collapse.store import RunStore, run_location
 
     if args.sweep:
         if args.runs or args.out:
@@ -356,13 +354,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     if not args.runs:
         return _fail("give one or more runs, or --sweep SWEEP.yaml")
-    root = Path(args.root)
-    run_dirs = [Path(r) if Path(r).is_dir() else root / r for r in args.runs]
-    missing = [str(d) for d in run_dirs if not (d / CONFIG_FILE).is_file()]
+    runs = [run_location(r, args.root) for r in args.runs]
+    missing = [r for r in runs if not RunStore.at(r).started()]
     if missing:
         return _fail(f"not a run directory (no config.yaml): {', '.join(missing)}")
     try:
-        page = write_report(run_dirs, Path(args.out) if args.out else None)
+        page = write_report(runs, Path(args.out) if args.out else None)
     except ReportError as exc:
         return _fail(str(exc))
     print(f"report: {page.resolve()}")

@@ -13,7 +13,6 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -65,7 +64,7 @@ from collapse.pipeline import (
 )
 from collapse.report import load_run, summary_markdown, write_report
 from collapse.stages import chain_stage
-from collapse.store import RunStore
+from collapse.store import RunStore, canonical_root
 
 
 def artifact_key(run_id: str, kind: str) -> str:
@@ -138,8 +137,13 @@ def stage(config: dict[str, Any], run_id: str, gen: int, name: str, cache_key: s
 
 @task(task_run_name="report")
 def report(run_dir: str) -> str:
-    """Rewrite the run's report.html and figures (cheap; never cached)."""
-    return str(write_report([Path(run_dir)]))
+    """Rewrite the run's report.html and figures (cheap; never cached).
+
+    Args:
+        run_dir: the run's folder, or its URL under a URL root (then the report is uploaded
+            there too).
+    """
+    return str(write_report([run_dir]))
 
 
 def _generation_run_name() -> str:
@@ -230,7 +234,7 @@ def dispatch_job(
         if record is None:
             raise RuntimeError(
                 f"deployment {deployment!r} finished generation {gen} but its {name!r} stage has "
-                f"no valid record under {ctx.store.run_dir}: do the workers share "
+                f"no valid record under {ctx.store.location}: do the workers share "
                 "run.artifact_root with this process?"
             )
         results.append(stage_summary(gen, name, record, before[name]))
@@ -284,10 +288,10 @@ def _descendants(client: SyncPrefectClient, root: UUID) -> set[UUID]:
     return found
 
 
-def _artifact_root(flow_run: FlowRun) -> Path | None:
+def _artifact_root(flow_run: FlowRun) -> str | None:
     """The artifact root a flow run of ours was started with (from its `config` parameter)."""
     try:
-        return Path(flow_run.parameters["config"]["run"]["artifact_root"]).resolve()
+        return canonical_root(flow_run.parameters["config"]["run"]["artifact_root"])
     except (KeyError, TypeError):
         return None
 
@@ -320,7 +324,7 @@ def crash_stale_flow_runs(run_id: str, artifact_root: str) -> list[str]:
     if flow_run_context is None or flow_run_context.flow_run is None:
         return []
     current = flow_run_context.flow_run.id
-    root = Path(artifact_root).resolve()
+    root = canonical_root(artifact_root)
     ours = re.compile(rf"{re.escape(run_id)}(-gen-\d+)?")
     with get_client(sync_client=True) as client:
         candidates = client.read_flow_runs(
@@ -505,9 +509,9 @@ def experiment(
                 summaries.append({"generation": gen, "stages": stages})
                 publish(gen)
         rows = metrics_table(ctx)
-        report_path = report(str(ctx.store.run_dir))
+        report_path = report(ctx.store.location)
         create_markdown_artifact(
-            summary_markdown(load_run(ctx.store.run_dir)),
+            summary_markdown(load_run(ctx.store.location)),
             key=artifact_key(run_id, "summary"),
             description=f"Summary of run {run_id}; report: {report_path}",
         )

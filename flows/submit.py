@@ -33,6 +33,7 @@ from collapse.config import (
     load_config,
     run_id_for,
 )
+from collapse.object_store import is_url
 
 CODE_DIR = Path(__file__).resolve().parents[1]
 PREFECT_FILE = CODE_DIR / "prefect.yaml"
@@ -71,7 +72,7 @@ def checked_config(path: str, overrides: list[str]) -> Config | str:
         except ConfigError as exc:
             return str(exc)
         raise
-    if not RunStore(config.run.artifact_root, run_id_for(config)).config_path.is_file():
+    if not RunStore(config.run.artifact_root, run_id_for(config)).started():
         missing = input_problems(config_to_dict(config))
         if missing:
             return str(ConfigError(missing))
@@ -89,7 +90,7 @@ def submitted_parameters(config: Config) -> tuple[dict[str, Any], list[str]]:
     data = config_to_dict(config)
     warnings = []
     root = Path(config.run.artifact_root)
-    if not root.is_absolute():
+    if not is_url(config.run.artifact_root) and not root.is_absolute():
         data["run"]["artifact_root"] = str(root.resolve())
         warnings.append(
             f"run.artifact_root {str(root)!r} is relative: the run writes to {root.resolve()}, "
@@ -120,10 +121,13 @@ def run_folder_locked(root: str, run_id: str) -> bool | None:
     """Whether a process holds the run folder's lock; None when the folder is not visible here.
 
     The flow run of a submitted run holds this lock (collapse.store.RunStore.lock) for as long
-    as it runs, so a Running flow run whose folder is not locked lost its process.
+    as it runs, so a Running flow run whose folder is not locked lost its process. Under a URL
+    root the lock is on the worker's staging copy, which is not visible here.
     """
     from collapse.store import RunStore
 
+    if is_url(root):
+        return None
     lock = RunStore(root, run_id).run_dir / ".lock"
     if not lock.is_file():
         return None

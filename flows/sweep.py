@@ -27,7 +27,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -51,7 +50,7 @@ from prefect.settings import get_current_settings
 from prefect.states import Crashed
 
 from collapse.errors import UserError
-from collapse.store import RunLockedError, RunStore
+from collapse.store import RunLockedError, RunStore, canonical_root, child_root
 from collapse.sweep import load_sweep
 from collapse.sweep_report import arm_table, write_sweep_report
 from flows.experiment import UNFINISHED, artifact_key, experiment
@@ -169,12 +168,12 @@ def crash_stale_sweep_runs(name: str, artifact_root: str) -> list[str]:
     if context is None or context.flow_run is None:
         return []
     current = context.flow_run.id
-    root = Path(artifact_root).resolve()
+    root = canonical_root(artifact_root)
 
     def same_root(run: Any) -> bool:
         try:
             return (
-                Path(run.parameters["runs"][0]["config"]["run"]["artifact_root"]).resolve() == root
+                canonical_root(run.parameters["runs"][0]["config"]["run"]["artifact_root"]) == root
             )
         except (KeyError, IndexError, TypeError):
             return False
@@ -227,7 +226,7 @@ def sweep(
     root = runs[0]["config"]["run"]["artifact_root"]
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(RunStore(Path(root) / "reports", f"sweep-{name}").lock())
+            held.enter_context(RunStore(child_root(root, "reports"), f"sweep-{name}").lock())
         except RunLockedError:
             raise SweepLockedError(
                 f"sweep {name!r} is running in another process (over {root})"

@@ -1,0 +1,78 @@
+"""A run under an S3 artifact root, every stage on a machine of its own, equals a local run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from collapse.config import config_to_dict, validate_config
+from collapse.context import Context, open_run
+from collapse.object_store import STAGING_ENV
+from collapse.pipeline import freeze_config, metrics_table, run_stage, stages_of
+from collapse.report import write_report
+from collapse.store import RunStore
+
+from .object_roots import make_root
+
+# Outputs whose bytes hold wall times (train.json, the evaluations' seconds) differ between two
+# runs; the data chain's files and every metric value must not.
+CHAIN_FILES = ("/corpus/", "/model/", "/tokenizer/", "validation.parquet")
+
+
+def _chain_files(ctx: Context) -> dict[str, str]:
+    files = {}
+    for gen in range(ctx.config.run.generations + 1):
+        for record in ctx.store.read_manifest(gen)["stages"].values():
+            files.update(
+                {k: v for k, v in record["outputs"].items() if any(c in k for c in CHAIN_FILES)}
+            )
+    return files
+
+
+def _without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if "seconds" not in k} for row in rows]
+
+
+def test_every_stage_on_a_machine_of_its_own_over_s3_equals_a_local_run(
+    tiny_run: Context, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    root = make_root("s3", tmp_path, s3_endpoint)
+    data = config_to_dict(tiny_run.config)
+    data["run"]["artifact_root"] = root.root
+    config = validate_config(data)
+
+    def machine(name: str) -> Context:
+        """A context whose staging copy starts empty, as on a worker that never saw the run."""
+        return Context(config, RunStore(root.root, "tiny", staging=tmp_path / name), log=print)
+
+    freeze_config(machine("submitter"))
+    workers = {}
+    for gen in range(config.run.generations + 1):
+        for stage in stages_of(tiny_run, gen):
+            workers[gen, stage] = machine(f"worker-{len(workers)}")
+            record = run_stage(workers[gen, stage], gen, stage)
+            assert not record["reused"], (gen, stage)
+    # each fetched what it read: generation 1's sampler the model trained on another machine
+    sampler = workers[1, "sample"].store
+    assert (sampler.model_dir(1) / "config.json").is_file()
+    assert not sampler.train_stats_path(1).exists()  # not read, so not fetched
+
+    again = machine("another")
+    for gen in range(config.run.generations + 1):
+        for stage in stages_of(again, gen):
+            assert run_stage(again, gen, stage)["reused"], (gen, stage)
+    # Deciding that everything is done downloaded nothing.
+    assert not [p for p in (tmp_path / "another").rglob("*") if p.is_file()]
+
+    assert _chain_files(again) == _chain_files(tiny_run)
+    table = _without_timings(metrics_table(again, valid_only=True))
+    assert table == _without_timings(metrics_table(tiny_run, valid_only=True))
+    assert table[2]["perplexity"] is not None
+
+    opened = open_run(again.store.location)  # `collapse report s3://.../tiny` reads it so
+    assert opened.config == config and opened.store.location == f"{root.root}/tiny"
+    page = write_report([opened.store.location])
+    assert "report.html" in root.stored(opened.store)
+    assert root.stored(opened.store)["report.html"] == page.read_bytes()
