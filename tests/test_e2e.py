@@ -20,6 +20,7 @@ import time
 import urllib.request
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -632,3 +633,71 @@ def test_a_pipelined_run_overlaps_evaluations_with_the_next_training_and_equals_
     assert {i["id"] for i in tasks["eval.oov-gen-0"]["task_inputs"]["wait_for"]} == {
         chain[f"{run_id}-gen-0"]
     }
+
+
+def _store_records(store: Any) -> dict[tuple[str, str], tuple[str, str]]:
+    """As `_records`, through the store (any artifact root)."""
+    return {
+        (store.gen_dir(gen).name, name): (record["digest"], record["completed_at"])
+        for gen in store.generations_on_disk()
+        for name, record in store.read_manifest(gen)["stages"].items()
+    }
+
+
+def _store_hashes(store: Any, prefix: str) -> dict[str, str]:
+    """As `output_hashes`, through the store (any artifact root)."""
+    return {
+        k: v
+        for gen in store.generations_on_disk()
+        for record in store.read_manifest(gen)["stages"].values()
+        for k, v in record["outputs"].items()
+        if f"/{prefix}" in k
+    }
+
+
+def test_a_run_on_s3_killed_on_one_machine_resumes_on_another_and_equals_a_local_run(
+    tmp_path: Path,
+    home: Path,
+    corpus: Path,
+    reference: Path,
+    s3_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from collapse.object_store import STAGING_ENV
+    from collapse.store import RunStore
+
+    from .object_roots import make_root
+
+    root = make_root("s3", tmp_path, s3_endpoint)
+    config = str(make_config(tmp_path, corpus, tmp_path / "not-used"))
+    on_s3 = f"run.artifact_root={root.root}"
+    run_id = run_dir(reference).name  # the run id leaves out the artifact root
+    store = RunStore(root.root, run_id)
+
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "machine-a"))
+    killed = collapse(home, "run", config, on_s3, fault="sample:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    finished = _store_records(store)
+    assert ("gen-000", "corpus") in finished and ("gen-001", "train") in finished
+
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "machine-b"))  # never saw the run
+    resumed = collapse(home, "run", config, on_s3)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"{root.root}/{run_id}" in resumed.stdout
+    after = _store_records(store)
+    assert {k: after[k] for k in finished} == finished  # nothing finished was recomputed
+    for prefix in ("corpus/", "model/"):
+        assert _store_hashes(store, prefix) == output_hashes(reference, prefix)
+    assert "report.html" in root.stored(store)
+    assert not (tmp_path / "not-used").exists()
+
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "machine-c"))
+    status = collapse(home, "status", run_id, "--root", root.root)
+    assert status.returncode == 0, status.stderr
+    assert "gen   2  train:done  sample:done  eval.perplexity:done" in status.stdout
+    listed = collapse(home, "status", "--root", root.root)
+    assert listed.stdout.strip() == f"{run_id}  generations on disk: 3"
+    report = collapse(home, "report", f"{root.root}/{run_id}")
+    assert report.returncode == 0, report.stderr
+    fetched = [p for p in (tmp_path / "machine-c").rglob("*") if p.is_file()]
+    assert not [p for p in fetched if "/model/" in str(p) or "/corpus/" in str(p)]
