@@ -89,6 +89,34 @@ class ObjectRoot:
         # A filesystem (not an object store): a write in place can be seen half done.
         self.renames = bool({"file", "local"} & set(protocols))
 
+    def problem(self, write: bool = True) -> str | None:
+        """Why this root cannot be used from here, None when it can.
+
+        Args:
+            write: check writing (a probe object is written and removed), else listing.
+        """
+        probe = f".collapse-probe-{uuid.uuid4().hex[:12]}"
+        try:
+            if write:
+                self.put_bytes(b"", probe)
+                self.remove(probe)
+            else:
+                self.fs.ls(self.base)
+        except FileNotFoundError as exc:
+            if not write:
+                return None  # nothing there yet: no runs
+            return f"{self.url}: {exc} (create the bucket, or correct the URL)"
+        except PermissionError as exc:
+            return f"{self.url}: access denied ({exc}): check the credentials in the environment"
+        except Exception as exc:  # the filesystem library's own errors (botocore's, gcsfs's)
+            if "credential" in f"{type(exc).__name__} {exc}".lower():
+                return (
+                    f"{self.url}: no credentials found: set them in the environment (for s3://: "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+                )
+            return f"{self.url} cannot be {'written' if write else 'read'}: {exc}"
+        return None
+
     def path(self, rel: str) -> str:
         """The filesystem path of `rel` (relative to the root)."""
         return f"{self.base}/{rel}" if rel else self.base

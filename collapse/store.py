@@ -270,6 +270,18 @@ def run_ids(root: str | Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / CONFIG_FILE).is_file())
 
 
+def root_problem(root: str | Path, write: bool = True) -> str | None:
+    """Why artifact root `root` cannot be used from here (a URL root: probed), else None.
+
+    Args:
+        root: a path or URL.
+        write: whether this process will write there (else reading is checked).
+    """
+    if not is_url(root):
+        return None
+    return ObjectRoot(str(root)).problem(write)
+
+
 def child_root(root: str | Path, name: str) -> str:
     """`<root>/<name>` for a path or URL root."""
     return f"{str(root).rstrip('/')}/{name}" if is_url(root) else str(Path(root) / name)

@@ -30,7 +30,7 @@ from collapse.config import (
 )
 from collapse.errors import UserError
 from collapse.sections import PositiveInt
-from collapse.store import RunStore, canonical_root, child_root
+from collapse.store import RunStore, canonical_root, child_root, root_problem
 
 SEED_KEY = "run.seed"
 # Keys a sweep file has and a config never has: how a sweep file is told from a config.
@@ -219,6 +219,10 @@ def _load_arm(
         except ConfigError as exc:
             return None, exc.problems
         raise
+    if check_inputs:  # as `collapse run` does before it starts anything
+        unusable = root_problem(config.run.artifact_root)
+        if unusable:
+            return None, [f"run.artifact_root: {unusable}"]
     # A started run may no longer need its inputs (as in `collapse run`): checked before start.
     started = RunStore(config.run.artifact_root, run_id_for(config)).started()
     if check_inputs and not started:

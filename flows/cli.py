@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from collapse.config import (
+    Config,
     ConfigError,
     config_to_dict,
     input_problems,
@@ -94,28 +95,50 @@ def _lost_api(exc: Exception, api_url: str, shared: bool) -> str | None:
     return f"lost the Prefect API at {api_url} ({exc}): {fix}"
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """`collapse run CONFIG [key=value ...]`."""
+def checked_config(path: str, overrides: list[str], sweep_hint: str) -> Config | str:
+    """The validated config, or the message to fail with: what `collapse run` and `collapse
+    submit` check before a run starts.
+
+    Every config problem is reported at once, missing input files included. Input files are
+    checked only before a run's first start (no config.yaml in its folder yet): a resumed run may
+    no longer need them (its corpus stage is done), and the stage that reads a file checks it if
+    it must run. A URL artifact root is probed (a probe object written and removed), so missing
+    credentials or a missing bucket stop here, not in the middle of a run.
+
+    Args:
+        path: the config file.
+        overrides: `key=value` overrides.
+        sweep_hint: what to say when `path` is a sweep file.
+    """
+    from collapse.store import RunStore, root_problem
     from collapse.sweep import is_sweep_file
 
-    if is_sweep_file(args.config):
-        return _fail(f"{args.config} is a sweep file: run it with `collapse sweep {args.config}`")
+    if is_sweep_file(path):
+        return f"{path} is a sweep file: {sweep_hint}"
     try:
-        config = load_config(args.config, args.overrides, check_inputs=False)
+        config = load_config(path, overrides, check_inputs=False)
     except ConfigError:
-        try:  # report every problem at once, missing input files included
-            load_config(args.config, args.overrides)
+        try:
+            load_config(path, overrides)
         except ConfigError as exc:
-            return _fail(str(exc))
+            return str(exc)
         raise
-    # Inputs are checked before a run's first start; a resumed run may no longer need them
-    # (its corpus stage is done), and the stage that reads a file checks it if it must run.
-    from collapse.store import RunStore
-
+    unusable = root_problem(config.run.artifact_root)
+    if unusable:
+        return f"run.artifact_root: {unusable}"
     if not RunStore(config.run.artifact_root, run_id_for(config)).started():
         missing = input_problems(config_to_dict(config))
         if missing:
-            return _fail(str(ConfigError(missing)))
+            return str(ConfigError(missing))
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`collapse run CONFIG [key=value ...]`."""
+    hint = f"run it with `collapse sweep {args.config}`"
+    config = checked_config(args.config, args.overrides, hint)
+    if isinstance(config, str):
+        return _fail(config)
     if args.from_generation is not None and not (
         0 <= args.from_generation <= config.run.generations
     ):
@@ -132,6 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from collapse.errors import UserError
     from collapse.pipeline import table_columns
+    from collapse.store import RunStore
     from collapse.table import text_table
     from flows.experiment import experiment
 
@@ -271,13 +295,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     """`collapse status [RUN | --sweep SWEEP]`: per-generation stage table from the manifests."""
     from collapse.context import RunNotFoundError, open_run
     from collapse.pipeline import metrics_table, table_columns
-    from collapse.store import RunStore, run_ids, run_location
+    from collapse.store import RunStore, root_problem, run_ids, run_location
     from collapse.table import text_table
 
     if args.sweep:
         if args.run is not None:
             return _fail("give a run or --sweep, not both")
         return _sweep_status(args.sweep)
+    unreadable = root_problem(
+        args.root if args.run is None else run_location(args.run, args.root), write=False
+    )
+    if unreadable:
+        return _fail(unreadable)
     if args.run is None:
         runs = run_ids(args.root)
         if not runs:
@@ -340,7 +369,7 @@ def _sweep_status(path: str) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """`collapse report RUN [RUN ...] | --sweep SWEEP`: report.html and PNG figures."""
     from collapse.report import ReportError, write_report
-    from collapse.store import RunStore, run_location
+    from collapse.store import RunStore, root_problem, run_location
 
     if args.sweep:
         if args.runs or args.out:
@@ -355,6 +384,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not args.runs:
         return _fail("give one or more runs, or --sweep SWEEP.yaml")
     runs = [run_location(r, args.root) for r in args.runs]
+    unreadable = [p for p in (root_problem(r, write=False) for r in runs) if p]
+    if unreadable:
+        return _fail("; ".join(unreadable))
     missing = [r for r in runs if not RunStore.at(r).started()]
     if missing:
         return _fail(f"not a run directory (no config.yaml): {', '.join(missing)}")

@@ -25,15 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collapse.config import (
-    Config,
-    ConfigError,
-    config_to_dict,
-    input_problems,
-    load_config,
-    run_id_for,
-)
+from collapse.config import Config, config_to_dict, run_id_for
 from collapse.object_store import is_url
+from flows.cli import _fail, checked_config
 
 CODE_DIR = Path(__file__).resolve().parents[1]
 PREFECT_FILE = CODE_DIR / "prefect.yaml"
@@ -46,37 +40,6 @@ NEEDS_SERVER = (
     "`prefect server start` on a host the workers reach) and set PREFECT_API_URL to its API "
     "(e.g. http://<server>:4200/api)"
 )
-
-
-def _fail(message: str) -> int:
-    print(f"collapse: error: {message}", file=sys.stderr)
-    return 2
-
-
-def checked_config(path: str, overrides: list[str]) -> Config | str:
-    """The validated config, or the message to fail with (the checks of `collapse run`).
-
-    Input files are checked only before a run's first start (no config.yaml in its folder yet),
-    as `collapse run` does: a resumed run may no longer need them.
-    """
-    from collapse.store import RunStore
-    from collapse.sweep import is_sweep_file
-
-    if is_sweep_file(path):
-        return f"{path} is a sweep file: `collapse submit` takes one run's config"
-    try:
-        config = load_config(path, overrides, check_inputs=False)
-    except ConfigError:
-        try:  # report every problem at once, missing input files included
-            load_config(path, overrides)
-        except ConfigError as exc:
-            return str(exc)
-        raise
-    if not RunStore(config.run.artifact_root, run_id_for(config)).started():
-        missing = input_problems(config_to_dict(config))
-        if missing:
-            return str(ConfigError(missing))
-    return config
 
 
 def submitted_parameters(config: Config) -> tuple[dict[str, Any], list[str]]:
@@ -208,7 +171,7 @@ def _crash_lost(client: Any, flow_run: Any) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """`collapse submit CONFIG [key=value ...]`: queue a run on a work pool and return."""
-    config = checked_config(args.config, args.overrides)
+    config = checked_config(args.config, args.overrides, "`collapse submit` takes one run's config")
     if isinstance(config, str):
         return _fail(config)
     start_at = None

@@ -23,11 +23,13 @@ import yaml
 
 from collapse.config import Config
 from collapse.context import Context
+from collapse.object_store import STAGING_ENV
 from collapse.pipeline import run_stage, stage_key
 from collapse.store import RunStore, StorageFullError
 from collapse.tokenizer import train_bpe_tokenizer
 
 from .conftest import REPO, TORCH_FULL_DISK, report_no_free_space, tiny_config_dict
+from .object_roots import make_root
 
 
 def _small(corpus: Path, root: Path) -> dict:
@@ -117,9 +119,12 @@ sys.exit(main())
 """
 
 
-def _collapse(home: Path, *args: str, full_disk_under: Path | None = None):
-    """`collapse ARGS` in a subprocess (optionally on a full disk); a CompletedProcess."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+def _collapse(
+    home: Path, *args: str, full_disk_under: Path | None = None, unset: tuple[str, ...] = ()
+):
+    """`collapse ARGS` in a subprocess (optionally on a full disk, or without the environment
+    variables `unset`); a CompletedProcess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in unset}
     env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO))
     env.pop("COLLAPSE_FAULT", None)
     command = [sys.executable, "-m", "flows.cli", *args]
@@ -202,3 +207,34 @@ def test_an_unusable_corpus_or_tokenizer_is_one_line_and_exit_2(
     assert "Traceback" not in proc.stderr
     message = _last_line(proc.stderr)
     assert message.startswith(f"collapse: error: {key}: ") and said in message
+
+
+@pytest.mark.parametrize("mistake", ["missing bucket", "no credentials", "credentials in the URL"])
+def test_an_unusable_artifact_url_is_one_line_and_exit_2_before_anything_starts(
+    tmp_path: Path,
+    story_file: Path,
+    home: Path,
+    s3_endpoint: str,
+    mistake: str,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    root = make_root("s3", tmp_path, s3_endpoint).root
+    unset: tuple[str, ...] = ()
+    if mistake == "missing bucket":
+        root, said = "s3://no-such-bucket/artifacts", "The specified bucket does not exist"
+    elif mistake == "no credentials":
+        monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws either
+        unset, said = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), "no credentials found"
+    else:
+        root = root.replace("s3://", "s3://AKIAPLANTED:sEcReTpLaNtEd@")
+        said = "the URL carries credentials"
+    data = _small(story_file, tmp_path / "artifacts")
+    data["run"]["artifact_root"] = root
+    proc = _collapse(home, "run", str(_write_config(tmp_path, data)), unset=unset)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "sEcReTpLaNtEd" not in proc.stdout + proc.stderr
+    assert proc.stderr.startswith("collapse: error: ")  # a config error lists its problems
+    message = _last_line(proc.stderr)
+    assert "run.artifact_root: " in message and said in message, message
+    assert not (tmp_path / "staging").exists()
