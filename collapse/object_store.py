@@ -202,10 +202,10 @@ class ObjectRoot:
         return sorted({name.rstrip("/").rsplit("/", 1)[-1] for name in listed})
 
     def remove(self, rel: str) -> None:
-        """Delete object `rel` if it exists."""
+        """Delete object `rel` if it exists (a folder of a filesystem is no object: kept)."""
         try:
             self.fs.rm_file(self.path(rel))
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             pass
 
 

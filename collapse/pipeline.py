@@ -11,7 +11,6 @@ parent survives, even if the run is killed midway.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +96,8 @@ def invalidate_from(ctx: Context, gen: int) -> None:
     ctx.store.invalidate_from(gen)
     for g in ctx.store.generations_on_disk():
         if g >= gen:
-            shutil.rmtree(ctx.store.train_state_dir(g), ignore_errors=True)
-            ctx.store.sample_progress_path(g).unlink(missing_ok=True)
+            ctx.store.discard_partial(ctx.store.train_state_dir(g))
+            ctx.store.discard_partial(ctx.store.sample_progress_path(g))
 
 
 def run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:

@@ -146,6 +146,7 @@ def sample_corpus(
     device: torch.device,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    saved: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Sample `cfg.num_sequences` sequences into `out_dir/part-*.parquet`, resuming finished shards.
 
@@ -153,7 +154,8 @@ def sample_corpus(
     and `progress_path` (default: `out_dir/_progress.json`) records each finished shard's
     sha256, so a restarted run skips exactly the shards that are complete and intact. Stories
     start after the tokenizer's start token and end at its end token
-    (`collapse.tokenizer.special_ids`).
+    (`collapse.tokenizer.special_ids`). `saved`, if given, is called with each finished shard
+    and then the progress file (e.g. to upload them, `RunStore.save_partial`).
 
     Returns:
         Stats: sequences, shards, shards_reused, tokens (EOS excluded), finished_fraction,
@@ -200,6 +202,9 @@ def sample_corpus(
         write_shard(path, ids, tokenizer.batch_decode(ids), ended)
         done[path.name] = sha256_file(path)
         atomic_write_json(progress_path, {"key": progress_key, "shards": done})
+        if saved is not None:
+            saved(path)
+            saved(progress_path)
         crash_point("sample", index + 1)
         if log:
             log(f"shard {index + 1}/{len(sizes)} written")
@@ -222,6 +227,14 @@ def sample_corpus(
         "finished_fraction": counts["finished"] / n,
         "mean_length": counts["tokens"] / n,
     }
+
+
+def progress_shards(progress_path: Path) -> list[str]:
+    """The shard files a progress file lists as finished (any key), [] when unreadable."""
+    try:
+        return sorted(json.loads(progress_path.read_text())["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 Shard = tuple[int, list[list[int]], list[bool]]

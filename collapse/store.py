@@ -259,6 +259,11 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def run_ids(root: str | Path) -> list[str]:
     """The runs under an artifact root (a path or URL): folders with a saved config."""
     if is_url(root):
@@ -327,6 +332,9 @@ class RunStore:
         self.run_dir = self.root / run_id
         # Local copies whose sha256 was checked: path -> (sha256, size, mtime_ns).
         self._verified: dict[Path, tuple[str, int, int]] = {}
+        # Files this store has on the URL already: run-relative path -> (size, mtime_ns) of
+        # the local copy then (e.g. sample shards saved as they were written).
+        self._uploaded: dict[str, tuple[int, int]] = {}
 
     @classmethod
     def at(cls, location: str | Path, staging: Path | None = None) -> RunStore:
@@ -482,7 +490,8 @@ class RunStore:
         if self.remote is not None:
             # Outputs first, the record last: whoever sees the record finds them complete.
             for rel in files:
-                self.remote.put(self.run_dir / rel, self._object(rel))
+                if self._uploaded.get(rel) != _stamp(self.run_dir / rel):
+                    self.remote.put(self.run_dir / rel, self._object(rel))
             blob = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
             gen_dir = self.gen_dir(generation).name
             self.remote.put_bytes(blob, self._object(record_rel(gen_dir, stage)))
@@ -608,6 +617,48 @@ class RunStore:
                 "recomputes the stage"
             ) from None
         self._hash_local(local)
+
+    def save_partial(self, path: Path) -> None:
+        """Upload a mid-stage file (a training checkpoint, a finished sample shard and the
+        sampler's progress), so that a stage killed here resumes from it on another machine.
+
+        A no-op under a path root. Such files are no stage's record: whoever reads them checks
+        them (a checkpoint's key, a shard's sha256 in the progress file).
+        """
+        if self.remote is None:
+            return
+        rel = self._rel(path)
+        self.remote.put(path, self._object(rel))
+        self._uploaded[rel] = _stamp(path)
+
+    def restore_partial(self, path: Path) -> bool:
+        """Fetch a mid-stage file saved by `save_partial` elsewhere, unless it is here already.
+
+        Returns:
+            Whether the file is here now.
+        """
+        if self.remote is None or path.exists():
+            return path.exists()
+        try:
+            with atomic_path(path) as tmp:
+                self.remote.get(self._object(self._rel(path)), tmp)
+        except FileNotFoundError:
+            return False
+        self._uploaded[self._rel(path)] = _stamp(path)
+        return True
+
+    def discard_partial(self, path: Path) -> None:
+        """Remove a mid-stage file or folder here and its saved copy (the stage is done, or
+        must start over)."""
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        if self.remote is not None:
+            rel = self._rel(path)
+            for name in self.remote.sizes(self._object(rel)):
+                self.remote.remove(self._object(f"{rel}/{name}"))
+            self.remote.remove(self._object(rel))
 
     def write_run_file(self, path: Path, data: bytes) -> None:
         """Write a run-level file (e.g. the frozen config) here and, under a URL root, there."""

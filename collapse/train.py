@@ -89,6 +89,7 @@ def train_model(
     checkpoint_key: str,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    saved: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place on `blocks` for the steps `cfg` (a `TrainConfig`) asks for.
 
@@ -104,6 +105,8 @@ def train_model(
             checkpoint made from other inputs.
         progress: show a progress bar.
         log: optional line logger.
+        saved: called with `checkpoint_path` after each checkpoint is written (e.g. to upload
+            it, `RunStore.save_partial`).
 
     Returns:
         Stats: steps, tokens, losses per step, resumed_from_step, seconds, tokens_per_second.
@@ -193,6 +196,8 @@ def train_model(
                         "seconds": elapsed_before + time.perf_counter() - started,
                     },
                 )
+                if saved is not None:
+                    saved(checkpoint_path)
                 crash_point("train", done // cfg.checkpoint_every)
                 if log:
                     log(f"step {done}/{steps} loss {step_loss:.4f} (checkpoint saved)")

@@ -313,3 +313,30 @@ def test_a_process_forked_while_a_thread_holds_the_manifest_lock_does_not_deadlo
         child.join()
     assert not stuck and child.exitcode == 0
     assert "eval.forked" in store.read_manifest(1)["stages"]
+
+
+def test_mid_stage_files_saved_here_are_restored_elsewhere_until_discarded(
+    artifact_root: Root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    store = artifact_root.store()
+    checkpoint = store.train_state_dir(1) / "checkpoint.pt"
+    atomic_write_bytes(checkpoint, b"optimizer state")
+    store.save_partial(checkpoint)
+    elsewhere = RunStore(artifact_root.root, "run", staging=tmp_path / "elsewhere")
+    copy = elsewhere.train_state_dir(1) / "checkpoint.pt"
+    assert elsewhere.restore_partial(copy) and copy.read_bytes() == b"optimizer state"
+    store.discard_partial(store.train_state_dir(1))
+    again = RunStore(artifact_root.root, "run", staging=tmp_path / "again")
+    assert not again.restore_partial(again.train_state_dir(1) / "checkpoint.pt")
+    assert not [n for n in artifact_root.stored(store) if "train-state" in n]
+
+    # a shard saved as it was written is not uploaded a second time when its stage is recorded
+    shard = store.corpus_dir(1) / "part-00000.parquet"
+    atomic_write_bytes(shard, b"rows")
+    store.save_partial(shard)
+    puts = []
+    real = ObjectRoot.put
+    monkeypatch.setattr(ObjectRoot, "put", lambda self, *a: puts.append(a[1]) or real(self, *a))
+    store.record_stage(1, "sample", "k", [store.corpus_dir(1)])
+    assert puts == []  # (its record is written with put_bytes)
+    assert _usable(artifact_root, "sample", "k", tmp_path / "reader")

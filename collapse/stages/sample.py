@@ -29,13 +29,18 @@ def _key(ctx: Context, gen: int) -> list[Any]:
 
 def _run(ctx: Context, gen: int, key: str) -> tuple[list[Path], dict[str, Any]]:
     from collapse.device import pick_device
-    from collapse.sample import sample_corpus
+    from collapse.sample import progress_shards, sample_corpus
     from collapse.seeding import derive_seed
 
     cfg = ctx.config
     device = pick_device(cfg.sample.device)
     model = load_model(ctx, gen, device)
     corpus_dir = ctx.store.corpus_dir(gen)
+    progress_path = ctx.store.sample_progress_path(gen)
+    # what a machine that was sampling this before saved (sample_corpus checks each shard)
+    if ctx.store.restore_partial(progress_path):
+        for name in progress_shards(progress_path):
+            ctx.store.restore_partial(corpus_dir / name)
     ctx.log(f"gen {gen}: sampling {cfg.sample.num_sequences:,} sequences ({device})")
     stats = sample_corpus(
         model,
@@ -43,12 +48,14 @@ def _run(ctx: Context, gen: int, key: str) -> tuple[list[Path], dict[str, Any]]:
         cfg.sample,
         corpus_dir,
         seed=derive_seed(cfg.run.seed, "sample", gen),
-        progress_path=ctx.store.sample_progress_path(gen),
+        progress_path=progress_path,
         progress_key=key,
         device=device,
         progress=ctx.progress,
         log=ctx.log,
+        saved=ctx.store.save_partial,
     )
+    ctx.store.discard_partial(progress_path)
     return [corpus_dir], stats
 
 

@@ -8,7 +8,6 @@ objective or a data regime that changes what the model is trained on belongs her
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -92,23 +91,26 @@ def _run(ctx: Context, gen: int, key: str) -> tuple[list[Path], dict[str, Any]]:
         f"gen {gen}: training {parameters['total']:,} parameters from scratch on "
         f"{blocks.size:,} tokens of generation {gen - 1} ({device})"
     )
+    checkpoint = store.train_state_dir(gen) / "checkpoint.pt"
+    store.restore_partial(checkpoint)  # saved by a machine that was training this before
     stats = train_model(
         model,
         blocks,
         cfg.train,
         data_seed=derive_seed(cfg.run.seed, "data", gen),
         device=device,
-        checkpoint_path=store.train_state_dir(gen) / "checkpoint.pt",
+        checkpoint_path=checkpoint,
         checkpoint_key=key,
         progress=ctx.progress,
         log=ctx.log,
+        saved=store.save_partial,
     )
     model.to("cpu")
     with atomic_dir(store.model_dir(gen)) as tmp:
         save_model(model, tmp)
         tok.save_pretrained(str(tmp))  # a model folder is usable on its own
     atomic_write_json(store.train_stats_path(gen), stats)
-    shutil.rmtree(store.train_state_dir(gen), ignore_errors=True)
+    store.discard_partial(store.train_state_dir(gen))
     info = {k: v for k, v in stats.items() if k != "losses"}
     info["parameters"] = parameters
     info["corpora"] = corpora
