@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from collapse.lease import Lease, lease_seconds
 
 RECORDS = "records"
 RECORD_SUFFIX = ".json"
@@ -88,6 +91,9 @@ class ObjectRoot:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         # A filesystem (not an object store): a write in place can be seen half done.
         self.renames = bool({"file", "local"} & set(protocols))
+        # S3's conditional writes (If-None-Match, If-Match), which s3fs passes on: a lease
+        # can lock a run there (collapse.lease).
+        self.leases = bool({"s3", "s3a"} & set(protocols))
 
     def problem(self, write: bool = True) -> str | None:
         """Why this root cannot be used from here, None when it can.
@@ -116,6 +122,10 @@ class ObjectRoot:
                 )
             return f"{self.url} cannot be {'written' if write else 'read'}: {exc}"
         return None
+
+    def lease(self, rel: str, log: Callable[[str], None] | None = None) -> Lease:
+        """A lease on object `rel` (not yet acquired); see `collapse.lease`."""
+        return Lease(self.fs, self.path(rel), self.url_of(rel), lease_seconds(), log)
 
     def path(self, rel: str) -> str:
         """The filesystem path of `rel` (relative to the root)."""

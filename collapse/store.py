@@ -21,12 +21,13 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from collapse.errors import UserError
+from collapse.lease import LeaseHeldError
 from collapse.object_store import ObjectRoot, is_url, record_rel, stages_in, staging_root
 
 MANIFEST = "manifest.json"
@@ -756,24 +757,61 @@ class RunStore:
         return dropped
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, log: Callable[[str], None] | None = None) -> Iterator[None]:
         """Hold an exclusive lock on the run folder for the duration of a run.
 
-        Under a URL root this locks the staging copy, which keeps out other processes of this
-        machine only: object stores have no locks. There, one flow run per run is what
-        `collapse submit` guarantees (its idempotency key); should two machines still run one
-        run, no mixed output is ever used, since every fetched file is checked against its
-        record's sha256 (see `pull`).
+        A path root's lock is an flock on the run folder (shared file systems honour it across
+        machines; a killed process drops it). Under a URL root the staging copy is flocked too
+        (other processes of this machine), and the run's folder there: by flock on a `file://`
+        root, by a lease object on S3 (`collapse.lease`; a killed holder's lease is taken over
+        once it expires). Other object stores have no conditional writes that fsspec passes on,
+        so there the lock keeps out this machine's processes only.
+
+        Args:
+            log: where to say that this process lost its lease (it stalled past the lease's
+                time to live and another process took the run over).
+
+        Raises:
+            RunLockedError: another process holds the run.
         """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fh = open(self.run_dir / ".lock", "w")  # noqa: SIM115 (held for the whole block)
+        with _flock(self.run_dir / ".lock", self.run_id):
+            if self.remote is None:
+                yield
+            elif self.remote.renames:  # a file system reached by URL: lock it there too
+                with _flock(Path(self.remote.path(self._object(".lock"))), self.run_id):
+                    yield
+            elif self.remote.leases:
+                lease = self.remote.lease(self._object(".lease"), log)
+                try:
+                    lease.acquire()
+                except LeaseHeldError as exc:
+                    raise RunLockedError(
+                        f"run {self.run_id} is in use by another process: {exc}"
+                    ) from None
+                try:
+                    yield
+                finally:
+                    lease.release()
+            else:
+                yield
+
+
+@contextlib.contextmanager
+def _flock(path: Path, run_id: str) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if missing).
+
+    Raises:
+        RunLockedError: another process holds it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "w")  # noqa: SIM115 (held for the whole block)
+    try:
         try:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunLockedError(
-                    f"run {self.run_id} is in use by another process (lock: {fh.name})"
-                ) from None
-            yield
-        finally:
-            fh.close()
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(
+                f"run {run_id} is in use by another process (lock: {fh.name})"
+            ) from None
+        yield
+    finally:
+        fh.close()

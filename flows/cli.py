@@ -236,7 +236,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"  (Prefect: {server})"
     )
     listing = [
-        [r["label"], r["run_id"], str(a.run_dir)] for r, a in zip(runs, distinct, strict=True)
+        [r["label"], r["run_id"], a.store.location] for r, a in zip(runs, distinct, strict=True)
     ]
     print(text_grid(["arm", "run id", "run folder"], listing))
     started = time.perf_counter()
@@ -358,8 +358,8 @@ def _sweep_status(path: str) -> int:
         return _fail(sweep)
     print(f"sweep {sweep.name}  ({sweep.path}): {len(sweep.arms)} arms, {len(sweep.runs)} runs\n")
     for arm in sweep.arms:
-        started = "" if arm.run_dir.is_dir() else "  not started"
-        print(f"arm {arm.label}  run {arm.run_id}  ({arm.run_dir.resolve()}){started}")
+        started = "" if arm.store.started() else "  not started"
+        print(f"arm {arm.label}  run {arm.run_id}  ({arm.store.location}){started}")
         print("\n".join(_progress_lines(arm_context(arm))))
         print()
     print(text_grid(*arm_table(sweep)))

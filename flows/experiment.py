@@ -471,7 +471,7 @@ def experiment(
     ctx = make_context(config, run_id)
     logger = get_run_logger()
     total = ctx.config.run.generations
-    with ctx.store.lock():
+    with ctx.store.lock(logger.warning):
         try:
             superseded = crash_stale_flow_runs(run_id, ctx.config.run.artifact_root)
         except Exception as exc:  # housekeeping in the UI must never stop a run

@@ -13,6 +13,7 @@ import yaml
 from collapse.config import Config, ModelConfig
 from collapse.context import Context
 from collapse.evals import registry
+from collapse.lease import LEASE_ENV
 from collapse.models import build_model
 from collapse.object_store import STAGING_ENV
 from collapse.pipeline import freeze_config, run_stage, stages_of
@@ -132,6 +133,7 @@ def artifact_root(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> R
     """An empty artifact root of each kind: a local path, `file://`, and a bucket on S3."""
     endpoint = request.getfixturevalue("s3_endpoint") if request.param == "s3" else None
     monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    monkeypatch.setenv(LEASE_ENV, "3")  # a killed holder's lease expires in 3 s, not 60
     return make_root(request.param, tmp_path, endpoint)
 
 

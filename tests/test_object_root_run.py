@@ -13,6 +13,7 @@ from collapse.pipeline import freeze_config, metrics_table, run_stage, stages_of
 from collapse.report import write_report
 from collapse.store import RunStore
 
+from .conftest import tiny_config_dict
 from .object_roots import make_root
 
 # Outputs whose bytes hold wall times (train.json, the evaluations' seconds) differ between two
@@ -76,3 +77,54 @@ def test_every_stage_on_a_machine_of_its_own_over_s3_equals_a_local_run(
     page = write_report([opened.store.location])
     assert "report.html" in root.stored(opened.store)
     assert root.stored(opened.store)["report.html"] == page.read_bytes()
+
+
+def test_training_killed_on_one_machine_resumes_from_its_checkpoint_on_another(
+    s3_endpoint: str, story_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    root = make_root("s3", tmp_path, s3_endpoint)
+    data = tiny_config_dict(story_file, root.root, generations=1)
+    data["eval"] = {"metrics": ["entropy"]}
+    config = validate_config(data)
+
+    def machine(name: str, logs: list[str]) -> Context:
+        return Context(config, RunStore(root.root, "run", staging=tmp_path / name), log=logs.append)
+
+    first = machine("a", [])
+    freeze_config(first)
+    run_stage(first, 0, "corpus")
+    save = RunStore.save_partial
+
+    def saved_then_killed(store: RunStore, path: Path) -> None:
+        save(store, path)
+        raise KeyboardInterrupt  # the machine dies right after its first checkpoint
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunStore, "save_partial", saved_then_killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(first, 1, "train")
+    logs: list[str] = []
+    second = machine("b", logs)
+    run_stage(second, 1, "train")
+    assert any("resuming training from checkpoint at step" in line for line in logs), logs
+    assert not [n for n in root.stored(second.store) if "train-state" in n]
+
+    local = Context(
+        validate_config({**data, "run": {**data["run"], "artifact_root": str(tmp_path / "local")}}),
+        RunStore(tmp_path / "local", "run"),
+        log=lambda _: None,
+    )
+    freeze_config(local)
+    run_stage(local, 0, "corpus")
+    run_stage(local, 1, "train")
+    weights = {  # the model's files (train.json holds wall times)
+        k: v
+        for k, v in second.store.read_manifest(1)["stages"]["train"]["outputs"].items()
+        if "/model/" in k
+    }
+    assert weights == {
+        k: v
+        for k, v in local.store.read_manifest(1)["stages"]["train"]["outputs"].items()
+        if "/model/" in k
+    }
