@@ -100,6 +100,11 @@ class Lease:
             content = {"holder": "unknown", "expires": 0}
         return etag, content
 
+    def live(self) -> bool:
+        """Whether a lease is there and its stamp says it is unexpired (the holder's clock)."""
+        current = self._current()
+        return current is not None and float(current[1].get("expires", 0)) > time.time()
+
     def acquire(self) -> None:
         """Take the lease, waiting for an existing one to expire if need be.
 

@@ -795,6 +795,29 @@ class RunStore:
             else:
                 yield
 
+    def locked(self) -> bool | None:
+        """Whether a process holds the run's lock (see `lock`); None when it cannot be told
+        from here (no lock file yet, or an object store without leases)."""
+        if self.remote is None:
+            return _flocked(self.run_dir / ".lock")
+        if self.remote.renames:
+            return _flocked(Path(self.remote.path(self._object(".lock"))))
+        if self.remote.leases:
+            return self.remote.lease(self._object(".lease")).live()
+        return None
+
+
+def _flocked(path: Path) -> bool | None:
+    """Whether another process holds an flock on `path`; None when there is no such file."""
+    if not path.is_file():
+        return None
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False  # closing the file releases our probe
+
 
 @contextlib.contextmanager
 def _flock(path: Path, run_id: str) -> Iterator[None]:

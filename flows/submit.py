@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +26,7 @@ from typing import Any
 
 from collapse.config import Config, config_to_dict, run_id_for
 from collapse.object_store import is_url
+from collapse.store import RunStore
 from flows.cli import _fail, checked_config
 
 CODE_DIR = Path(__file__).resolve().parents[1]
@@ -81,25 +81,12 @@ def idempotency_key(parameters: dict[str, Any]) -> str:
 
 
 def run_folder_locked(root: str, run_id: str) -> bool | None:
-    """Whether a process holds the run folder's lock; None when the folder is not visible here.
+    """Whether a process holds the run's lock; None when that cannot be seen from here.
 
     The flow run of a submitted run holds this lock (collapse.store.RunStore.lock) for as long
-    as it runs, so a Running flow run whose folder is not locked lost its process. Under a URL
-    root the lock is on the worker's staging copy, which is not visible here.
+    as it runs, so a Running flow run whose run is not locked lost its process.
     """
-    from collapse.store import RunStore
-
-    if is_url(root):
-        return None
-    lock = RunStore(root, run_id).run_dir / ".lock"
-    if not lock.is_file():
-        return None
-    with open(lock, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        return False  # closing the file releases our probe
+    return RunStore(root, run_id).locked()
 
 
 def _connect() -> str | int:
@@ -248,7 +235,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             how = f"it was {found.name}; retried, resuming from its artifacts"
     print(f"run {run_id}: {how}: flow run {flow_run.id} on work pool {deployment.work_pool_name}")
     print(f"  {flow_run_url(api_url, flow_run.id)}")
-    print(f"  artifacts: {Path(root) / run_id}")
+    print(f"  artifacts: {RunStore(root, run_id).location}")
     return 0
 
 

@@ -34,6 +34,7 @@ def test_a_killed_holder_s_lease_is_taken_over_and_a_live_one_is_not(
     try:
         assert ready.wait(30)
         elsewhere = RunStore(artifact_root.root, "run", staging=tmp_path / "elsewhere")
+        assert elsewhere.locked()  # what `collapse submit` asks of a Running flow run
         started = time.monotonic()
         with pytest.raises(RunLockedError, match=r"in use by .* pid \d+"), elsewhere.lock():
             pass
@@ -46,6 +47,7 @@ def test_a_killed_holder_s_lease_is_taken_over_and_a_live_one_is_not(
             assert (tmp_path / "elsewhere").is_dir()
         assert 0.5 < took < 10  # waited for the lease to expire, then took it over
         assert not [n for n in artifact_root.stored(elsewhere) if n.endswith(".lease")]
+        assert elsewhere.locked() is False
     finally:
         if holder.is_alive():
             holder.kill()

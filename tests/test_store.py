@@ -173,14 +173,20 @@ def test_invalidate_from_drops_later_manifests(artifact_root: Root):
     assert store.generations_on_disk() == [0, 1, 2, 3]
 
 
-def test_a_run_can_be_held_by_one_process_only(artifact_root: Root):
+def test_a_run_can_be_held_by_one_process_only(artifact_root: Root, tmp_path: Path):
     store = artifact_root.store()
+    elsewhere = RunStore(artifact_root.root, "run", staging=tmp_path / "elsewhere")
     with (
         store.lock(),
         pytest.raises(RunLockedError, match="in use"),
         artifact_root.store().lock(),
     ):
         pass
+    with store.lock(), pytest.raises(RunLockedError, match="in use"), elsewhere.lock():
+        pass  # another machine: its own staging copy, the same run
+    with store.lock():
+        assert elsewhere.locked()
+    assert elsewhere.locked() is False
 
 
 def test_run_files_and_siblings_are_found_where_the_root_is(artifact_root: Root, tmp_path: Path):
