@@ -162,11 +162,16 @@ class Sweep:
         return found
 
     @property
-    def report_dir(self) -> Path:
-        """Where the comparison report goes: `<artifact_root>/reports/sweep-<name>` (under a
-        URL root: in its local staging copy)."""
+    def report_store(self) -> RunStore:
+        """The comparison report's folder, `<artifact_root>/reports/sweep-<name>`, as a store
+        (its lock is the sweep's; under a URL root the report is uploaded through it)."""
         root = child_root(self.arms[0].config.run.artifact_root, "reports")
-        return RunStore(root, f"sweep-{self.name}").run_dir
+        return RunStore(root, f"sweep-{self.name}")
+
+    @property
+    def report_dir(self) -> Path:
+        """Where the comparison report is written (under a URL root: the staging copy)."""
+        return self.report_store.run_dir
 
 
 def is_sweep_file(path: str | Path) -> bool:

@@ -260,7 +260,8 @@ def render_sweep_html(
 
 
 def write_sweep_report(sweep: Sweep) -> Path:
-    """Write `report.html` and `figures/<evaluation>.png` into `sweep.report_dir`.
+    """Write `report.html` and `figures/<evaluation>.png` into `sweep.report_dir` (under a
+    URL root, also uploaded to `<artifact_root>/reports/sweep-<name>`).
 
     Returns:
         The path of report.html.
@@ -275,4 +276,7 @@ def write_sweep_report(sweep: Sweep) -> Path:
             atomic_write_bytes(sweep.report_dir / "figures" / f"{name}.png", data)
     page = sweep.report_dir / "report.html"
     atomic_write_bytes(page, render_sweep_html(sweep, groups, tables, figures).encode())
+    for written in (page, sweep.report_dir / "figures"):
+        if written.exists():
+            sweep.report_store.publish(written)
     return page

@@ -270,7 +270,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"arm {outcome['label']} (run {outcome['run_id']}): {state}")
     print()
     print(text_grid(*arm_table(sweep)))
-    print(f"\nreport: {sweep.report_dir.resolve() / 'report.html'}   ({seconds:.1f} s)")
+    print(f"\nreport: {sweep.report_store.location}/report.html   ({seconds:.1f} s)")
     if failed is None:
         return 0
     console.stopped = True
@@ -379,7 +379,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         sweep = _load_sweep(args.sweep, check_inputs=False)
         if isinstance(sweep, str):
             return _fail(sweep)
-        print(f"report: {write_sweep_report(sweep).resolve()}")
+        write_sweep_report(sweep)
+        print(f"report: {sweep.report_store.location}/report.html")
         return 0
     if not args.runs:
         return _fail("give one or more runs, or --sweep SWEEP.yaml")
