@@ -71,9 +71,13 @@ class SequenceClassifier(torch.nn.Module):
         super().__init__()
         self.model = model
         config = model.config
-        self.score = torch.nn.Linear(config.hidden_size, num_labels, bias=False)
         # transformers initialises the head N(0, initializer_range); seeded here, without
-        # touching the global RNG.
+        # touching the global RNG: not even Linear's own default init (skip_init), which would
+        # draw from it unlocked while another thread of a pipelined run is inside a seeded
+        # block (e.g. building the next generation's model: its weights then changed).
+        self.score = torch.nn.utils.skip_init(
+            torch.nn.Linear, config.hidden_size, num_labels, bias=False
+        )
         generator = torch.Generator().manual_seed(seed)
         weight = torch.empty(num_labels, config.hidden_size)
         weight.normal_(0.0, config.initializer_range, generator=generator)
