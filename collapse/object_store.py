@@ -137,29 +137,23 @@ class ObjectRoot:
 
     def put(self, local: Path, rel: str) -> None:
         """Upload a file so that `rel` is the old object or the complete new one."""
-        target = self.path(rel)
-        if not self.renames:
-            self.fs.put_file(str(local), target)
-            return
-        tmp = f"{target}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        try:
-            self.fs.put_file(str(local), tmp)
-            self.fs.mv(tmp, target)
-        finally:
-            if self.fs.exists(tmp):
-                self.fs.rm_file(tmp)
+        self._write(rel, lambda target: self.fs.put_file(str(local), target))
 
     def put_bytes(self, data: bytes, rel: str) -> None:
         """Write `data` to `rel` atomically (see `put`)."""
+        self._write(rel, lambda target: self.fs.pipe_file(target, data))
+
+    def _write(self, rel: str, write: Callable[[str], None]) -> None:
+        """Run `write(path)` so that object `rel` is the old one or the complete new one: in
+        place on an object store (a PUT is atomic), else to a temporary name then renamed."""
         target = self.path(rel)
         if not self.renames:
-            self.fs.pipe_file(target, data)
+            write(target)
             return
         tmp = f"{target}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         try:
-            self.fs.pipe_file(tmp, data)
+            write(tmp)
             self.fs.mv(tmp, target)
         finally:
             if self.fs.exists(tmp):

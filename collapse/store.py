@@ -617,7 +617,7 @@ class RunStore:
                 f"generation {generation} recorded; that record is dropped, so running again "
                 "recomputes the stage"
             ) from None
-        self._hash_local(local)
+        self._verified[local] = (digest, *_stamp(local))  # just checked: no second hashing
 
     def save_partial(self, path: Path) -> None:
         """Upload a mid-stage file (a training checkpoint, a finished sample shard and the

@@ -163,15 +163,20 @@ class Sweep:
 
     @property
     def report_store(self) -> RunStore:
-        """The comparison report's folder, `<artifact_root>/reports/sweep-<name>`, as a store
-        (its lock is the sweep's; under a URL root the report is uploaded through it)."""
-        root = child_root(self.arms[0].config.run.artifact_root, "reports")
-        return RunStore(root, f"sweep-{self.name}")
+        """The comparison report's folder as a store (see `sweep_report_store`)."""
+        return sweep_report_store(self.arms[0].config.run.artifact_root, self.name)
 
     @property
     def report_dir(self) -> Path:
         """Where the comparison report is written (under a URL root: the staging copy)."""
         return self.report_store.run_dir
+
+
+def sweep_report_store(artifact_root: str, name: str) -> RunStore:
+    """The folder of sweep `name`'s comparison report, `<artifact_root>/reports/sweep-<name>`,
+    as a store: its lock is the sweep's, and under a URL root the report is uploaded through it.
+    """
+    return RunStore(child_root(artifact_root, "reports"), f"sweep-{name}")
 
 
 def is_sweep_file(path: str | Path) -> bool:

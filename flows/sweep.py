@@ -50,8 +50,8 @@ from prefect.settings import get_current_settings
 from prefect.states import Crashed
 
 from collapse.errors import UserError
-from collapse.store import RunLockedError, RunStore, canonical_root, child_root
-from collapse.sweep import load_sweep
+from collapse.store import RunLockedError, canonical_root
+from collapse.sweep import load_sweep, sweep_report_store
 from collapse.sweep_report import arm_table, write_sweep_report
 from flows.experiment import UNFINISHED, artifact_key, experiment
 
@@ -226,7 +226,7 @@ def sweep(
     root = runs[0]["config"]["run"]["artifact_root"]
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(RunStore(child_root(root, "reports"), f"sweep-{name}").lock())
+            held.enter_context(sweep_report_store(root, name).lock())
         except RunLockedError:
             raise SweepLockedError(
                 f"sweep {name!r} is running in another process (over {root})"
