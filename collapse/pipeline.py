@@ -74,17 +74,14 @@ def valid_record(ctx: Context, gen: int, stage: str) -> dict[str, Any] | None:
 
 
 def _drop_downstream(ctx: Context, gen: int, stage: str) -> None:
-    """Forget everything computed from (gen, stage), before recomputing it.
+    """Forget everything computed from (gen, stage), whose output has just changed.
 
-    A chain stage feeds every later stage of its generation and every later generation; an
-    evaluation feeds nothing in its generation (a later generation's stage that reads it, like
-    OOV reading generation 0's lexicon, carries its digest in its key).
+    A chain stage feeds every later stage of its generation and every later generation. Their
+    keys chain its digest, so they would not be reused anyway; dropping their records says so
+    at once (in `collapse status`, too).
     """
-    if chain_stage(stage) is None:
-        ctx.store.drop_stage(gen, stage)
-        return
     order = stages_of(ctx, gen)
-    for name in order[order.index(stage) :]:
+    for name in order[order.index(stage) + 1 :]:
         ctx.store.drop_stage(gen, name)
     dropped = ctx.store.invalidate_from(gen + 1)
     if dropped:
@@ -125,11 +122,25 @@ def _run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
     record = ctx.store.valid_record(gen, stage, key)
     if record is not None:
         return {**record, "reused": True}
-    _drop_downstream(ctx, gen, stage)
+    # What the stage's dependants were computed from: a chain stage recomputed to the same
+    # bytes (a lost file, an identical retraining) leaves them valid, since their keys chain
+    # its content digest, not the fact that it ran again.
+    previous = ctx.store.read_record(gen, stage)
+    ctx.store.drop_stage(gen, stage)
+    made = None
     if ctx.config.orchestration.share_across_runs:
-        shared = _copy_from_sibling(ctx, gen, stage, key)
-        if shared is not None:
-            return {**shared, "reused": True}
+        made = _copy_from_sibling(ctx, gen, stage, key)
+    if made is None:
+        made = {**_compute(ctx, gen, stage, key), "reused": False}
+    if chain_stage(stage) is not None and (
+        previous is None or previous.get("digest") != made["digest"]
+    ):
+        _drop_downstream(ctx, gen, stage)
+    return made
+
+
+def _compute(ctx: Context, gen: int, stage: str, key: str) -> dict[str, Any]:
+    """Run a stage and record its outputs under `key`."""
     entry = stage_entry(stage)
     delay_point(stage, gen)
     if isinstance(entry, ChainStage):
@@ -139,7 +150,7 @@ def _run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
         info, extra = entry.run(ctx, gen) if part is None else entry.run(ctx, gen, part)
         name = entry.name if part is None else f"{entry.name}/{part}"
         outputs = [write_result(ctx, gen, name, info), *extra]
-    return {**ctx.store.record_stage(gen, stage, key, outputs, info), "reused": False}
+    return ctx.store.record_stage(gen, stage, key, outputs, info)
 
 
 def _copy_from_sibling(ctx: Context, gen: int, stage: str, key: str) -> dict[str, Any] | None:
@@ -158,9 +169,10 @@ def _copy_from_sibling(ctx: Context, gen: int, stage: str, key: str) -> dict[str
         if copied is None:  # changed under us (the other run recomputing): compute instead
             continue
         ctx.log(f"gen {gen} {stage}: taken from run {other.run_id} (same key)")
-        return ctx.store.record_stage(
+        made = ctx.store.record_stage(
             gen, stage, key, copied, record["info"], copied_from=other.run_id
         )
+        return {**made, "reused": True}
     return None
 
 

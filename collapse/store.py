@@ -391,7 +391,7 @@ class RunStore:
         return self.gen_dir(generation) / "model"
 
     def train_stats_path(self, generation: int) -> Path:
-        """Generation's training statistics (losses per step, throughput)."""
+        """Generation's training statistics (losses per step; nothing that varies between runs)."""
         return self.gen_dir(generation) / "train.json"
 
     def train_state_dir(self, generation: int) -> Path:

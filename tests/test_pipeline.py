@@ -74,6 +74,19 @@ def test_a_second_pass_reuses_every_stage_and_asks_the_judge_nothing(
     assert judge_server.count == before
 
 
+def test_a_model_retrained_to_the_same_weights_recomputes_nothing_after_it(tiny_run: Context):
+    """Training's wall times stay out of its hashed outputs: a model retrained to the same
+    weights (here because its weights file was lost) keeps its train digest, so the
+    generation's sampling and evaluations, whose keys chain that digest, are reused."""
+    before = tiny_run.store.read_manifest(2)["stages"]["train"]
+    (tiny_run.store.model_dir(2) / "model.safetensors").unlink()
+    records = run_all(tiny_run)
+    assert records[(2, "train")]["outputs"] == before["outputs"]
+    assert sorted(k for k, r in records.items() if not r["reused"]) == [(2, "train")]
+    assert records[(2, "train")]["digest"] == before["digest"]
+    assert records[(2, "train")]["completed_at"] != before["completed_at"]
+
+
 def test_judge_grades_are_aggregated_per_generation(tiny_run: Context):
     for gen in (0, 1, 2):
         result = json.loads((tiny_run.store.gen_dir(gen) / "eval" / "judge.json").read_text())

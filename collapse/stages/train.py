@@ -19,6 +19,12 @@ from collapse.stages.base import ChainStage
 # Settings that do not change the trained weights.
 OPERATIONAL = ("device", "checkpoint_every")
 
+# Facts about one training process, not about the model it made: the record's info keeps them,
+# train.json does not. train.json's hash is part of the train digest that every later stage's
+# key chains, so with wall times in it an identical retraining, or a resumed one, changed the
+# keys of the generation's sampling and evaluations and recomputed them all.
+PROCESS_FACTS = ("resumed_from_step", "seconds", "tokens_per_second", "device")
+
 
 def _key(ctx: Context, gen: int) -> list[Any]:
     from collapse.models import resolve_model_fields
@@ -109,7 +115,9 @@ def _run(ctx: Context, gen: int, key: str) -> tuple[list[Path], dict[str, Any]]:
     with atomic_dir(store.model_dir(gen)) as tmp:
         save_model(model, tmp)
         tok.save_pretrained(str(tmp))  # a model folder is usable on its own
-    atomic_write_json(store.train_stats_path(gen), stats)
+    atomic_write_json(
+        store.train_stats_path(gen), {k: v for k, v in stats.items() if k not in PROCESS_FACTS}
+    )
     store.discard_partial(store.train_state_dir(gen))
     info = {k: v for k, v in stats.items() if k != "losses"}
     info["parameters"] = parameters
