@@ -183,3 +183,29 @@ def tiny_run(tmp_path_factory, judge_server: JudgeServer) -> Iterator[Context]:
             os.environ.pop(JUDGE_KEY_ENV, None)
         else:
             os.environ[JUDGE_KEY_ENV] = previous
+
+
+@pytest.fixture(scope="session")
+def e2e_home(tmp_path_factory) -> Path:
+    """The PREFECT_HOME of the end-to-end runs that compare with `reference`."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+@pytest.fixture(scope="session")
+def e2e_corpus(tmp_path_factory) -> Path:
+    return write_story_file(tmp_path_factory.mktemp("corpus") / "stories.txt", n=200)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, e2e_home: Path, e2e_corpus: Path) -> Path:
+    """An uninterrupted 2-generation `collapse run` of the tiny config, one generation after
+    another (the end-to-end runs are pipelined, the default, so comparing with it compares the
+    two orders too); its artifact root. One per session: a CLI run costs tens of seconds."""
+    from .test_e2e import collapse, make_config
+
+    tmp = tmp_path_factory.mktemp("reference")
+    root = tmp / "artifacts"
+    config = make_config(tmp, e2e_corpus, root)
+    proc = collapse(e2e_home, "run", str(config), "orchestration.pipeline=false")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root

@@ -141,9 +141,10 @@ def _records(root: Path) -> dict[tuple[str, str], dict]:
 
 
 @pytest.mark.slow
-def test_a_submitted_run_survives_a_killed_worker(tmp_path: Path):
+def test_a_submitted_run_survives_a_killed_worker(tmp_path: Path, reference: Path):
     """deploy, submit, kill -9 the worker mid-run, new worker, resubmit: it completes, equal to a
-    local run, recomputing nothing that had finished, with one experiment flow run throughout."""
+    local run (`reference`, of the same config and corpus), recomputing nothing that had
+    finished, with one experiment flow run throughout."""
     home = tmp_path / "prefect-home"
     corpus = write_story_file(tmp_path / "stories.txt", n=200)
     started: list[subprocess.Popen] = []
@@ -158,11 +159,6 @@ def test_a_submitted_run_survives_a_killed_worker(tmp_path: Path):
         assert "experiment/gpu" in deployed.stdout and "generation/gpu" in deployed.stdout
         again = collapse(home, "deploy")  # idempotent
         assert again.returncode == 0 and "work pool gpu: exists" in again.stdout, again.stderr
-
-        local = tmp_path / "local"
-        local.mkdir()
-        reference = collapse(home, "run", str(make_config(local, corpus, local / "artifacts")))
-        assert reference.returncode == 0, reference.stdout + reference.stderr
 
         worker_env = _env(home, PREFECT_API_URL=api)
         worker_log = tmp_path / "worker.log"
@@ -224,10 +220,9 @@ def test_a_submitted_run_survives_a_killed_worker(tmp_path: Path):
             assert after[key]["completed_at"] == record["completed_at"], key
             assert after[key]["digest"] == record["digest"], key
         assert ("gen-002", "train") in after
-        reference_root = local / "artifacts"
-        assert output_hashes(root, "corpus/") == output_hashes(reference_root, "corpus/")
-        assert output_hashes(root, "model/") == output_hashes(reference_root, "model/")
-        assert output_hashes(root, "eval/") == output_hashes(reference_root, "eval/")
+        assert output_hashes(root, "corpus/") == output_hashes(reference, "corpus/")
+        assert output_hashes(root, "model/") == output_hashes(reference, "model/")
+        assert output_hashes(root, "eval/") == output_hashes(reference, "eval/")
         # One experiment flow run; no generation left Running beside another; the lost
         # attempt's unfinished generation flow runs were closed as Crashed.
         runs = flow_runs()
