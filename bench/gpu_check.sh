@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Every GPU measurement issues #7 (throughput) and #8 (downstream timing) still need, in one go,
+# so that one `device` run (minutes) records them all. Each step runs under its own time limit
+# and its output goes to $OUT/<step>.txt and $OUT/gpu_check.log; a failed or timed-out step is
+# logged and the next one still runs.
+#
+# Here, fill .whl/ (regex: transformers needs it, and an image with only the packages the GPU
+# machine's README lists lacks it; tried in such a venv on a CPU, GPU_CHECK_SMOKE=1):
+#   ../shared/gpu/wheels.sh regex==2026.11.19
+# then, in one `device` run with carry [".whl"], from the project root:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+#   OUT=$OUT bash bench/gpu_check.sh
+# Expected on an H100/H200: about 5 minutes (most of it transformers' `generate` on sample-33m).
+# The same steps shrunk to minutes on a CPU (to try the script before spending GPU time):
+#   GPU_CHECK_SMOKE=1 OUT=/tmp/gpu-check bash bench/gpu_check.sh
+set -u
+out=${OUT:-/tmp/gpu-check}
+mkdir -p "$out"
+log=$out/gpu_check.log
+python=${PYTHON:-python3}
+
+step() {  # step NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $* (limit ${limit}s, $(date -u +%FT%TZ))" | tee -a "$log"
+    timeout "$limit" "$@" >"$out/$name.txt" 2>&1
+    local code=$?
+    grep -v -i "warn" "$out/$name.txt" | tee -a "$log"
+    echo "== $name: exit $code" | tee -a "$log"
+}
+
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
+    device=cpu
+    throughput=(--repeats 1 --cases train-33m sample-33m --train-batch 1 --stories 16
+        --sample-batch 8 --max-new-tokens 64)
+    determinism=(--preset tinystories-1m --vocab 2048 --steps 2 --batch 2 --accumulate 2 --seq 64)
+    downstream=(--repeats 1 --steps 1 --lengths 16,64)
+else
+    device=cuda
+    throughput=(--repeats 10)
+    determinism=()
+    downstream=(--repeats 10)
+fi
+
+step environment 60 "$python" -c "
+import torch, transformers
+print('torch', torch.__version__, 'transformers', transformers.__version__)
+print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')
+"
+command -v nvidia-smi >/dev/null && step nvidia-smi 30 nvidia-smi
+# #7: training step and sampling, ours vs transformers, with MFU, bandwidth floor, peak memory
+# and the projection of a 40-generation 33M run
+step throughput 330 "$python" bench/throughput.py --device "$device" "${throughput[@]}"
+# #7 item 4: is deterministic GPU training bitwise repeatable, and at what cost
+step determinism 150 "$python" bench/determinism.py --device "$device" "${determinism[@]}"
+# #8: one paper-scale fine-tuning pass of the 8 tasks, projected from step times
+step downstream 150 "$python" bench/downstream.py --device "$device" "${downstream[@]}"
+echo "done: $out" | tee -a "$log"
