@@ -72,11 +72,17 @@ def staging_root(url: str, base: Path | None = None) -> Path:
         base: where staging copies live; default `$COLLAPSE_STAGING` or
             `~/.cache/collapse/staging`.
     """
-    if base is None:
-        base = Path(os.environ.get(STAGING_ENV) or DEFAULT_STAGING)
     parts = urlsplit(url)
     inner = [p for p in f"{parts.netloc}/{parts.path}".split("/") if p not in ("", ".", "..")]
-    return base.expanduser().resolve().joinpath(parts.scheme, *inner)
+    return staging_base(base).joinpath(parts.scheme, *inner)
+
+
+def staging_base(base: str | Path | None = None) -> Path:
+    """The folder that holds every staging copy: `base`, else `$COLLAPSE_STAGING`, else
+    `~/.cache/collapse/staging` (absolute)."""
+    if base is None:
+        base = os.environ.get(STAGING_ENV) or DEFAULT_STAGING
+    return Path(base).expanduser().resolve()
 
 
 class ObjectRoot:

@@ -107,7 +107,8 @@ def _free_bytes(path: Path) -> int | None:
     return stat.f_bavail * stat.f_frsize
 
 
-def _format_bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """A size for people: bytes, KiB, MiB or GiB."""
     if n < 1024:
         return f"{n} bytes"
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20)):
@@ -133,7 +134,7 @@ class StorageFullError(UserError):
         self.mount = _mount_point(self.path)
 
     def __str__(self) -> str:
-        free = "" if self.free_bytes is None else f" ({_format_bytes(self.free_bytes)} free)"
+        free = "" if self.free_bytes is None else f" ({format_bytes(self.free_bytes)} free)"
         during = f" in {self.stage}" if self.stage else ""
         return (
             f"storage full: the filesystem mounted at {self.mount}{free} has no room for "
@@ -336,6 +337,23 @@ class RunStore:
         # Files this store has on the URL already: run-relative path -> (size, mtime_ns) of
         # the local copy then (e.g. sample shards saved as they were written).
         self._uploaded: dict[str, tuple[int, int]] = {}
+        if self.remote is not None:
+            from collapse import staging as staging_copies
+
+            # in use while this store lives: `collapse staging --clean` leaves the copy alone
+            self._staging_hold = staging_copies.hold(self.run_dir, self.location)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_staging_hold", None)  # an open file: the unpickled store takes its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.remote is not None:
+            from collapse import staging as staging_copies
+
+            self._staging_hold = staging_copies.hold(self.run_dir, self.location)
 
     @classmethod
     def at(cls, location: str | Path, staging: Path | None = None) -> RunStore:

@@ -478,6 +478,34 @@ def cmd_ui(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
+def cmd_staging(args: argparse.Namespace) -> int:
+    """List this machine's staging copies of runs under URL roots; remove unused ones."""
+    from collapse.object_store import staging_base
+    from collapse.staging import remove, staging_copies
+    from collapse.store import format_bytes
+
+    base = staging_base(args.dir)
+    copies = staging_copies(base)
+    if not copies:
+        print(f"no staging copies under {base}")
+        return 0
+    freed = 0
+    for copy in copies:
+        state = "in use" if copy.in_use else "unused"
+        if args.clean and not copy.in_use:
+            # a process may have opened it since it was listed: remove() checks again
+            state = "removed" if remove(copy) else "in use"
+        if state == "removed":
+            freed += copy.bytes
+        print(f"{format_bytes(copy.bytes):>10}  {state:7s}  {copy.location}  ({copy.path})")
+    total = sum(copy.bytes for copy in copies)
+    if args.clean:
+        print(f"freed {format_bytes(freed)}; kept {format_bytes(total - freed)} (in use)")
+    else:
+        print(f"{format_bytes(total)} under {base}; `collapse staging --clean` removes unused ones")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `collapse`."""
     parser = argparse.ArgumentParser(
@@ -511,6 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep", default=None, metavar="SWEEP", help="comparison report of a sweep's groups"
     )
     report.set_defaults(func=cmd_report)
+    staging = sub.add_parser(
+        "staging", help="local copies of runs under URL roots: list, or remove unused ones"
+    )
+    staging.add_argument(
+        "--clean", action="store_true", help="remove every copy no process is using"
+    )
+    staging.add_argument(
+        "--dir", default=None, help="staging folder (default: $COLLAPSE_STAGING or ~/.cache/…)"
+    )
+    staging.set_defaults(func=cmd_staging)
     ui = sub.add_parser("ui", help="start the Prefect UI over this project's runs")
     ui.add_argument("--port", type=int, default=4200)
     ui.set_defaults(func=cmd_ui)

@@ -1,0 +1,98 @@
+"""Staging copies under URL roots: listed with their size and use, removed only when unused,
+and a removed copy costs nothing but fetching again."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import re
+from pathlib import Path
+
+import pytest
+
+from collapse.object_store import STAGING_ENV
+from collapse.staging import remove, staging_copies
+from collapse.store import RunStore, atomic_write_bytes
+from flows.cli import main
+
+
+@pytest.fixture
+def url_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    (tmp_path / "bucket").mkdir()
+    return f"file://{tmp_path / 'bucket'}"
+
+
+def _finished_run(root: str) -> RunStore:
+    store = RunStore(root, "run")
+    folder = store.model_dir(1)
+    atomic_write_bytes(folder / "weights", b"w" * 5000)
+    store.record_stage(1, "train", "k", [folder])
+    return store
+
+
+def _hold_until_told(root: str, ready, done) -> None:  # another process with the run open
+    store = RunStore(root, "run")
+    ready.set()
+    done.wait(30)
+    del store
+
+
+def test_a_copy_in_use_is_kept_and_an_unused_one_removed_then_fetched_again(
+    url_root: str, tmp_path: Path
+):
+    store = _finished_run(url_root)
+    (copy,) = staging_copies(tmp_path / "staging")
+    assert copy.path == store.run_dir and copy.location == f"{url_root}/run"
+    assert copy.bytes >= 5000 and copy.in_use
+    assert not remove(copy) and (store.run_dir / "gen-001" / "model" / "weights").is_file()
+
+    del store
+    gc.collect()  # the store's hold on the copy ends with it
+    (copy,) = staging_copies(tmp_path / "staging")
+    assert not copy.in_use
+    assert remove(copy) and not copy.path.exists()
+
+    again = RunStore(url_root, "run")
+    record = again.valid_record(1, "train", "k")
+    assert record is not None  # the run lives at the URL: removing a copy loses nothing
+    assert (again.pull(again.model_dir(1)) / "weights").read_bytes() == b"w" * 5000
+
+
+def test_a_copy_another_process_has_open_is_not_removed(url_root: str, tmp_path: Path):
+    _finished_run(url_root)  # and closed: nothing holds it
+    gc.collect()
+    context = multiprocessing.get_context("fork")
+    ready, done = context.Event(), context.Event()
+    holder = context.Process(target=_hold_until_told, args=(url_root, ready, done))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        (copy,) = staging_copies(tmp_path / "staging")
+        assert copy.in_use and not remove(copy)
+    finally:
+        done.set()
+        holder.join(30)
+    (copy,) = staging_copies(tmp_path / "staging")
+    assert not copy.in_use and remove(copy)
+
+
+def test_collapse_staging_lists_and_cleans(
+    url_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    kept = _finished_run(url_root)
+    other = RunStore(url_root, "other")
+    atomic_write_bytes(other.run_dir / "config.yaml", b"x" * 3000)
+    other_dir = other.run_dir
+    del other
+    gc.collect()
+    assert main(["staging"]) == 0
+    out = capsys.readouterr().out
+    assert f"in use   {url_root}/run" in out and f"unused   {url_root}/other" in out
+    assert main(["staging", "--clean"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed  {url_root}/other" in out and f"in use   {url_root}/run" in out
+    assert re.fullmatch(r"freed 3\.0 KiB; kept 5\.\d KiB \(in use\)", out.splitlines()[-1])
+    assert kept.run_dir.is_dir() and not other_dir.exists()
+    assert main(["staging", "--dir", str(tmp_path / "nowhere")]) == 0
+    assert "no staging copies under" in capsys.readouterr().out
