@@ -66,6 +66,8 @@ class Lease:
         self.holder = f"{socket.gethostname()} pid {os.getpid()} ({uuid.uuid4().hex[:8]})"
         self.etag: str | None = None
         self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._renewed_at = 0.0  # time.monotonic() of the last write of ours that took
         self._renewer: threading.Thread | None = None
 
     def _body(self) -> bytes:
@@ -84,7 +86,14 @@ class Lease:
             raise
         self.fs.invalidate_cache(self.path)
         self.etag = self.fs.info(self.path)["ETag"]
+        self._renewed_at = time.monotonic()
         return True
+
+    def held(self) -> bool:
+        """Whether this process still holds the lease for sure: no renewal found it taken,
+        and the last renewal is younger than the time to live (after that, a renewal that
+        keeps failing, e.g. cut off from the store, may have let another process take it)."""
+        return not self._lost.is_set() and time.monotonic() - self._renewed_at < self.ttl
 
     def _current(self) -> tuple[str, dict[str, Any]] | None:
         """(etag, content) of the lease object, None when absent. The etag is read first, so
@@ -141,6 +150,7 @@ class Lease:
             except Exception:  # a network blip: try again at the next beat
                 continue
             if not renewed:
+                self._lost.set()
                 if self.on_lost is not None:
                     self.on_lost(
                         f"lost the run's lease {self.url}: another process took it over after "

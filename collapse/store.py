@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from collapse.errors import UserError
-from collapse.lease import LeaseHeldError
+from collapse.lease import Lease, LeaseHeldError
 from collapse.object_store import ObjectRoot, is_url, record_rel, stages_in, staging_root
 
 MANIFEST = "manifest.json"
@@ -310,6 +310,10 @@ class RunLockedError(UserError, RuntimeError):
     """Another process holds the run's lock."""
 
 
+class LeaseLostError(UserError):
+    """This process no longer holds the run's lease: another may have taken the run over."""
+
+
 class CorruptArtifactError(UserError):
     """A published output that is missing or whose bytes differ from its record's sha256."""
 
@@ -337,6 +341,7 @@ class RunStore:
         # Files this store has on the URL already: run-relative path -> (size, mtime_ns) of
         # the local copy then (e.g. sample shards saved as they were written).
         self._uploaded: dict[str, tuple[int, int]] = {}
+        self._lease: Lease | None = None  # while `lock` holds the run by a lease
         if self.remote is not None:
             from collapse import staging as staging_copies
 
@@ -346,6 +351,7 @@ class RunStore:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_staging_hold", None)  # an open file: the unpickled store takes its own
+        state["_lease"] = None  # the lock is this process's, not a copy's
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -507,6 +513,7 @@ class RunStore:
         if copied_from is not None:
             record["copied_from"] = copied_from
         if self.remote is not None:
+            self._check_lease(f"generation {generation}, stage {stage}")
             # Outputs first, the record last: whoever sees the record finds them complete.
             for rel in files:
                 if self._uploaded.get(rel) != _stamp(self.run_dir / rel):
@@ -647,8 +654,25 @@ class RunStore:
         if self.remote is None:
             return
         rel = self._rel(path)
+        self._check_lease(rel)
         self.remote.put(path, self._object(rel))
         self._uploaded[rel] = _stamp(path)
+
+    def _check_lease(self, what: str) -> None:
+        """Stop before publishing `what` if this process lost the run's lease (it stalled or
+        was cut off for longer than the lease lives, and another process may be running the
+        run now: two writers of one stage must not mix their files).
+
+        Raises:
+            LeaseLostError: the lease is no longer this process's for sure.
+        """
+        if self._lease is not None and not self._lease.held():
+            raise LeaseLostError(
+                f"run {self.run_id}: this process lost the run's lease ({self._lease.url}: not "
+                f"renewed for {self._lease.ttl:.0f} s) and stopped before publishing {what}, as "
+                "another process may have taken the run over. Finished work is kept: run the "
+                "same command again (it resumes, or says which process has the run)."
+            )
 
     def restore_partial(self, path: Path) -> bool:
         """Fetch a mid-stage file saved by `save_partial` elsewhere, unless it is here already.
@@ -806,9 +830,11 @@ class RunStore:
                     raise RunLockedError(
                         f"run {self.run_id} is in use by another process: {exc}"
                     ) from None
+                self._lease = lease
                 try:
                     yield
                 finally:
+                    self._lease = None
                     lease.release()
             else:
                 yield

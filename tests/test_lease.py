@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from collapse.store import RunLockedError, RunStore
+from collapse.store import LeaseLostError, RunLockedError, RunStore, atomic_write_bytes
 
 from .object_roots import Root
 
@@ -52,3 +53,47 @@ def test_a_killed_holder_s_lease_is_taken_over_and_a_live_one_is_not(
         if holder.is_alive():
             holder.kill()
             holder.join()
+
+
+def test_a_process_that_lost_its_lease_stops_before_publishing(artifact_root: Root):
+    """Stalled past the lease's time to live, a holder may have been replaced: it must not
+    publish beside its successor, so recording a stage or saving mid-stage state stops it."""
+    if artifact_root.kind != "s3":
+        pytest.skip("a path or file:// root is locked with flock, which cannot be lost")
+    store = artifact_root.store()
+    folder = store.model_dir(1)
+    atomic_write_bytes(folder / "weights", b"w" * 100)
+    logs: list[str] = []
+    with store.lock(logs.append):
+        store.record_stage(1, "eval.entropy", "k", [folder])  # held: published
+        # another process takes the run over (its successor, once this one had stalled)
+        store.remote.fs.pipe_file(
+            store.remote.path(store._object(".lease")),
+            json.dumps({"holder": "elsewhere pid 1", "expires": time.time() + 60}).encode(),
+        )
+        deadline = time.monotonic() + 10
+        while not logs and time.monotonic() < deadline:  # the next renewal finds out
+            time.sleep(0.1)
+        assert logs and "lost the run's lease" in logs[0]
+        with pytest.raises(LeaseLostError, match="before publishing generation 1, stage train"):
+            store.record_stage(1, "train", "k", [folder])
+        with pytest.raises(LeaseLostError, match="before publishing gen-001/model/weights"):
+            store.save_partial(folder / "weights")
+    assert store.read_record(1, "train") is None
+    assert store.read_record(1, "eval.entropy") is not None
+    assert json.loads(artifact_root.stored(store)[".lease"])["holder"] == "elsewhere pid 1"
+
+
+def test_a_holder_cut_off_from_the_store_for_a_whole_lease_stops_before_publishing(
+    artifact_root: Root,
+):
+    if artifact_root.kind != "s3":
+        pytest.skip("a path or file:// root is locked with flock, which cannot be lost")
+    store = artifact_root.store()
+    folder = store.model_dir(1)
+    atomic_write_bytes(folder / "weights", b"w" * 100)
+    with store.lock():
+        # as if every renewal since the last one had failed on the network for a whole ttl
+        store._lease._renewed_at -= store._lease.ttl
+        with pytest.raises(LeaseLostError, match="not renewed for 3 s"):
+            store.record_stage(1, "train", "k", [folder])
