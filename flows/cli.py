@@ -1,4 +1,4 @@
-"""`collapse` command line: run, sweep, status, report, ui, submit, deploy.
+"""`collapse` command line: run, sweep, status, report, staging, ui, submit, deploy.
 
 User mistakes (bad config, unreadable corpus, a run in use) print a message and exit with code 2,
 without a traceback and before anything is written where possible.
@@ -14,8 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from collapse.config import (
     Config,
@@ -27,6 +28,7 @@ from collapse.config import (
 )
 
 EXIT_USAGE = 2
+T = TypeVar("T")
 
 
 def _fail(message: str) -> int:
@@ -79,6 +81,27 @@ def _connect() -> tuple[str, bool] | str:
     except prefect_env.PrefectUnreachable as exc:
         return str(exc)
     return api_url, bool(os.environ.get("PREFECT_API_URL"))
+
+
+def _flow_or_exit(
+    call: Callable[[], T], console: _ConsoleFilter, api_url: str, shared: bool
+) -> T | int:
+    """Run a flow for the CLI: its result, or the exit code after a one-line message when it
+    stopped on a user error or lost the Prefect API (anything else is raised)."""
+    import httpx
+
+    from collapse.errors import UserError
+
+    try:
+        return call()
+    except UserError as exc:
+        console.stopped = True
+        return _fail(str(exc))
+    except httpx.ConnectError as exc:
+        message = _lost_api(exc, api_url, shared)
+        if message is None:
+            raise
+        return _fail(message)
 
 
 def _lost_api(exc: Exception, api_url: str, shared: bool) -> str | None:
@@ -151,7 +174,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if isinstance(connected, str):
         return _fail(connected)
     api_url, shared = connected
-    import httpx
 
     from collapse.errors import UserError
     from collapse.pipeline import table_columns
@@ -163,18 +185,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = api_url if shared else f"ephemeral server {api_url}"
     print(f"run {run_id}: {where}  (Prefect: {server})")
     started = time.perf_counter()
-    user_errors = (UserError,)
-    console = console_filter(user_errors)
-    try:
-        result = experiment(config_to_dict(config), run_id, args.from_generation)
-    except user_errors as exc:
-        console.stopped = True
-        return _fail(str(exc))
-    except httpx.ConnectError as exc:
-        message = _lost_api(exc, api_url, shared)
-        if message is None:
-            raise
-        return _fail(message)
+    console = console_filter((UserError,))
+    result = _flow_or_exit(
+        lambda: experiment(config_to_dict(config), run_id, args.from_generation),
+        console,
+        api_url,
+        shared,
+    )
+    if isinstance(result, int):
+        return result
     seconds = time.perf_counter() - started
     print()
     for summary in result["generations"]:
@@ -212,7 +231,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if isinstance(connected, str):
         return _fail(connected)
     api_url, shared = connected
-    import httpx
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from collapse.errors import UserError
@@ -242,22 +260,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # Failed arms are listed below, one line each; Prefect's tracebacks of them only bury that.
     console = console_filter((UserError, SweepFailed))
-    failed: SweepFailed | None = None
-    try:
-        # The arms' processes reach this process's Prefect server through the settings they
-        # inherit; a temporary server is otherwise known only to the process that started it.
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            outcomes = sweep_flow(sweep.name, str(sweep.path.resolve()), runs, limit)
-    except SweepFailed as exc:
-        failed, outcomes = exc, exc.outcomes
-    except UserError as exc:
-        console.stopped = True
-        return _fail(str(exc))
-    except httpx.ConnectError as exc:
-        message = _lost_api(exc, api_url, shared)
-        if message is None:
-            raise
-        return _fail(message)
+
+    def run_sweep() -> tuple[SweepFailed | None, list[dict]]:
+        try:
+            # The arms' processes reach this process's Prefect server through the settings
+            # they inherit; a temporary server is otherwise known only to its starter.
+            with temporary_settings(updates={PREFECT_API_URL: api_url}):
+                return None, sweep_flow(sweep.name, str(sweep.path.resolve()), runs, limit)
+        except SweepFailed as exc:  # some arms failed: listed below with the others
+            return exc, exc.outcomes
+
+    ran = _flow_or_exit(run_sweep, console, api_url, shared)
+    if isinstance(ran, int):
+        return ran
+    failed, outcomes = ran
     seconds = time.perf_counter() - started
     print()
     for outcome in outcomes:
