@@ -4,14 +4,15 @@
 # and its output goes to $OUT/<step>.txt and $OUT/gpu_check.log; a failed or timed-out step is
 # logged and the next one still runs.
 #
-# Here, fill .whl/ (regex: transformers needs it, and an image with only the packages the GPU
-# machine's README lists lacks it; tried in such a venv on a CPU, GPU_CHECK_SMOKE=1):
-#   ../shared/gpu/wheels.sh regex==2026.11.19
+# Here, fill .whl/ (regex for transformers and xxhash for datasets: a venv holding only the
+# packages the GPU machine's README lists plus wheels.sh's lacked them; every step below passed
+# in that venv on a CPU with GPU_CHECK_SMOKE=1):
+#   ../shared/gpu/wheels.sh regex==2026.11.19 xxhash==4.1.0
 # then, in one `device` run with carry [".whl"], from the project root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 #   OUT=$OUT bash bench/gpu_check.sh
-# Expected on an H100/H200: about 5 minutes (most of it transformers' `generate` on sample-33m).
+# Expected on an H100/H200: about 6 minutes (most of it transformers' `generate` on sample-33m).
 # The same steps shrunk to minutes on a CPU (to try the script before spending GPU time):
 #   GPU_CHECK_SMOKE=1 OUT=/tmp/gpu-check bash bench/gpu_check.sh
 set -u
@@ -36,11 +37,13 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
         --sample-batch 8 --max-new-tokens 64)
     determinism=(--preset tinystories-1m --vocab 2048 --steps 2 --batch 2 --accumulate 2 --seq 64)
     downstream=(--repeats 1 --steps 1 --lengths 16,64)
+    run=(--generations 1 --stories 300)
 else
     device=cuda
     throughput=(--repeats 10)
     determinism=()
     downstream=(--repeats 10)
+    run=()
 fi
 
 step environment 60 "$python" -c "
@@ -56,4 +59,6 @@ step throughput 330 "$python" bench/throughput.py --device "$device" "${throughp
 step determinism 150 "$python" bench/determinism.py --device "$device" "${determinism[@]}"
 # #8: one paper-scale fine-tuning pass of the 8 tasks, projected from step times
 step downstream 150 "$python" bench/downstream.py --device "$device" "${downstream[@]}"
+# every stage of a small run on the device, reference and fast path, timed per stage
+step run 240 "$python" bench/gpu_run.py --device "$device" "${run[@]}"
 echo "done: $out" | tee -a "$log"
