@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +29,8 @@ from collapse.lease import Lease, lease_seconds
 RECORDS = "records"
 RECORD_SUFFIX = ".json"
 # The staging copies of URL roots: <base>/<scheme>/<bucket>/<prefix>/<run-id>.
+# Objects fetched or uploaded at once (`concurrently`).
+TRANSFERS = 16
 STAGING_ENV = "COLLAPSE_STAGING"
 DEFAULT_STAGING = Path("~/.cache/collapse/staging")
 
@@ -217,6 +219,29 @@ class ObjectRoot:
             self.fs.rm_file(self.path(rel))
         except (FileNotFoundError, IsADirectoryError):
             pass
+
+
+def concurrently(
+    call: Callable[..., object], items: Iterable[tuple[Any, ...]], workers: int | None = None
+) -> None:
+    """`call(*item)` for every item, up to `workers` (default `TRANSFERS`) at once.
+
+    Object stores answer each request in tens of milliseconds whatever its size, so a stage's
+    hundreds of corpus shards move one after another spend most of their time waiting. Every
+    call runs to its end; then the first error, if any, is raised.
+    """
+    items = list(items)
+    workers = min(workers or TRANSFERS, len(items))
+    if workers <= 1:
+        for item in items:
+            call(*item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="collapse-transfer") as pool:
+        futures = [pool.submit(call, *item) for item in items]
+    for future in futures:
+        future.result()
 
 
 def record_rel(generation_dir: str, stage: str) -> str:

@@ -28,7 +28,14 @@ from typing import Any
 
 from collapse.errors import UserError
 from collapse.lease import Lease, LeaseHeldError
-from collapse.object_store import ObjectRoot, is_url, record_rel, stages_in, staging_root
+from collapse.object_store import (
+    ObjectRoot,
+    concurrently,
+    is_url,
+    record_rel,
+    stages_in,
+    staging_root,
+)
 
 MANIFEST = "manifest.json"
 MANIFEST_LOCK = ".manifest.lock"
@@ -515,9 +522,14 @@ class RunStore:
         if self.remote is not None:
             self._check_lease(f"generation {generation}, stage {stage}")
             # Outputs first, the record last: whoever sees the record finds them complete.
-            for rel in files:
-                if self._uploaded.get(rel) != _stamp(self.run_dir / rel):
-                    self.remote.put(self.run_dir / rel, self._object(rel))
+            concurrently(
+                self.remote.put,
+                [
+                    (self.run_dir / rel, self._object(rel))
+                    for rel in files
+                    if self._uploaded.get(rel) != _stamp(self.run_dir / rel)
+                ],
+            )
             blob = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
             gen_dir = self.gen_dir(generation).name
             self.remote.put_bytes(blob, self._object(record_rel(gen_dir, stage)))
@@ -614,12 +626,14 @@ class RunStore:
         if not (top.startswith("gen-") and top[4:].isdigit()):
             return path
         generation = int(top[4:])
-        wanted: set[Path] = set()
-        for stage, record in self.read_manifest(generation)["stages"].items():
-            for out, digest in record["outputs"].items():
-                if out == rel or out.startswith(rel + "/"):
-                    self._fetch(generation, stage, out, digest)
-                    wanted.add(self.run_dir / out)
+        fetches = [
+            (generation, stage, out, digest)
+            for stage, record in self.read_manifest(generation)["stages"].items()
+            for out, digest in record["outputs"].items()
+            if out == rel or out.startswith(rel + "/")
+        ]
+        concurrently(self._fetch, fetches)
+        wanted = {self.run_dir / out for _, _, out, _ in fetches}
         if wanted and path.is_dir():
             for stale in [p for p in path.rglob("*") if p.is_file() and p not in wanted]:
                 stale.unlink()

@@ -93,6 +93,26 @@ def test_a_damaged_published_output_drops_its_record_when_fetched(
     assert store.valid_record(1, "eval.x", "key-1") is None  # recomputed on the next attempt
 
 
+def test_one_bad_file_among_many_fetched_at_once_fails_the_pull_and_keeps_the_others_out(
+    artifact_root: Root, tmp_path: Path
+):
+    if artifact_root.kind == "path":
+        pytest.skip("a local root has no published copy: nothing is fetched")
+    store = artifact_root.store()
+    folder = store.corpus_dir(1)
+    for i in range(40):  # more than the transfers run at once
+        atomic_write_bytes(folder / f"part-{i:05d}.parquet", bytes([i]) * 1000)
+    store.record_stage(1, "sample", "k", [folder])
+    artifact_root.overwrite(store, "gen-001/corpus/part-00017.parquet", b"x" * 1000)
+    reader = RunStore(artifact_root.root, "run", staging=tmp_path / "reader")
+    with pytest.raises(CorruptArtifactError, match=r"part-00017\.parquet differs"):
+        reader.pull(reader.corpus_dir(1))
+    assert not (reader.corpus_dir(1) / "part-00017.parquet").exists()
+    assert store.valid_record(1, "sample", "k") is None  # recomputed on the next attempt
+    fine = reader.corpus_dir(1) / "part-00016.parquet"
+    assert not fine.exists() or fine.read_bytes() == bytes([16]) * 1000
+
+
 def test_a_reader_elsewhere_gets_exactly_the_published_folder(artifact_root: Root, tmp_path: Path):
     store = artifact_root.store()
     folder = store.model_dir(1)
