@@ -7,10 +7,12 @@ copy no process is using is a cache: removing it loses nothing, and the next pro
 the run fetches what it reads again. Copies are never removed by themselves (a worker that
 trains 40 generations of the 33M model keeps ~25 GB), so `collapse staging --clean` does it.
 
-"In use" is a shared flock on the copy's marker file `.staging`, taken by every `RunStore`
-opened on it for that store's life. The remover takes an exclusive one without waiting, so it
-never removes a copy under a live process, and a process that opens the copy meanwhile waits
-for the removal, then finds its marker gone and locks the new one.
+"In use" is a shared flock on the copy's marker file `.staging`, taken for a `RunStore`'s life
+by every store that opens an existing copy, or that writes into one (a store that only reads the
+URL, like `collapse status` listing runs, makes no copy). The remover takes an exclusive one
+without waiting, so it never removes a copy under a live process that holds it, and a process
+that opens the copy meanwhile waits for the removal, then finds its marker gone and locks the
+new one.
 """
 
 from __future__ import annotations

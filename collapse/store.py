@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from collapse.errors import UserError
 from collapse.lease import Lease, LeaseHeldError
@@ -349,24 +349,30 @@ class RunStore:
         # the local copy then (e.g. sample shards saved as they were written).
         self._uploaded: dict[str, tuple[int, int]] = {}
         self._lease: Lease | None = None  # while `lock` holds the run by a lease
-        if self.remote is not None:
+        self._staging_hold: IO[str] | None = None
+        if self.run_dir.is_dir():
+            self._hold_copy()
+
+    def _hold_copy(self) -> None:
+        """Under a URL root, mark the staging copy in use while this store lives, so that
+        `collapse staging --clean` leaves it alone (`collapse.staging`). Taken when the store
+        opens an existing copy, and before its first local write otherwise: a store that only
+        reads the URL (`collapse status` listing runs) leaves no copy behind."""
+        if self.remote is not None and self._staging_hold is None:
             from collapse import staging as staging_copies
 
-            # in use while this store lives: `collapse staging --clean` leaves the copy alone
             self._staging_hold = staging_copies.hold(self.run_dir, self.location)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.pop("_staging_hold", None)  # an open file: the unpickled store takes its own
+        state["_staging_hold"] = None  # an open file: the unpickled store takes its own
         state["_lease"] = None  # the lock is this process's, not a copy's
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        if self.remote is not None:
-            from collapse import staging as staging_copies
-
-            self._staging_hold = staging_copies.hold(self.run_dir, self.location)
+        if self.run_dir.is_dir():
+            self._hold_copy()
 
     @classmethod
     def at(cls, location: str | Path, staging: Path | None = None) -> RunStore:
@@ -520,6 +526,7 @@ class RunStore:
         if copied_from is not None:
             record["copied_from"] = copied_from
         if self.remote is not None:
+            self._hold_copy()
             self._check_lease(f"generation {generation}, stage {stage}")
             # Outputs first, the record last: whoever sees the record finds them complete.
             concurrently(
@@ -621,6 +628,7 @@ class RunStore:
         """
         if self.remote is None:
             return path
+        self._hold_copy()
         rel = self._rel(path)
         top = rel.split("/", 1)[0]
         if not (top.startswith("gen-") and top[4:].isdigit()):
@@ -667,6 +675,7 @@ class RunStore:
         """
         if self.remote is None:
             return
+        self._hold_copy()
         rel = self._rel(path)
         self._check_lease(rel)
         self.remote.put(path, self._object(rel))
@@ -696,6 +705,7 @@ class RunStore:
         """
         if self.remote is None or path.exists():
             return path.exists()
+        self._hold_copy()
         try:
             with atomic_path(path) as tmp:
                 self.remote.get(self._object(self._rel(path)), tmp)
@@ -719,6 +729,7 @@ class RunStore:
 
     def write_run_file(self, path: Path, data: bytes) -> None:
         """Write a run-level file (e.g. the frozen config) here and, under a URL root, there."""
+        self._hold_copy()
         atomic_write_bytes(path, data)
         if self.remote is not None:
             self.remote.put(path, self._object(self._rel(path)))
@@ -830,6 +841,7 @@ class RunStore:
         Raises:
             RunLockedError: another process holds the run.
         """
+        self._hold_copy()
         with _flock(self.run_dir / ".lock", self.run_id):
             if self.remote is None:
                 yield

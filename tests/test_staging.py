@@ -82,7 +82,7 @@ def test_collapse_staging_lists_and_cleans(
 ):
     kept = _finished_run(url_root)
     other = RunStore(url_root, "other")
-    atomic_write_bytes(other.run_dir / "config.yaml", b"x" * 3000)
+    other.write_run_file(other.config_path, b"x" * 3000)
     other_dir = other.run_dir
     del other
     gc.collect()
@@ -96,3 +96,18 @@ def test_collapse_staging_lists_and_cleans(
     assert kept.run_dir.is_dir() and not other_dir.exists()
     assert main(["staging", "--dir", str(tmp_path / "nowhere")]) == 0
     assert "no staging copies under" in capsys.readouterr().out
+
+
+def test_a_store_that_only_reads_the_url_leaves_no_copy_and_one_that_fetches_holds_it(
+    url_root: str, tmp_path: Path
+):
+    _finished_run(url_root)
+    gc.collect()
+    (copy,) = staging_copies(tmp_path / "staging")
+    assert remove(copy)
+    lister = RunStore(url_root, "run")  # as `collapse status` listing the runs of a root
+    assert lister.generations_on_disk() == [1]
+    assert not lister.run_dir.exists() and staging_copies(tmp_path / "staging") == []
+    lister.pull(lister.model_dir(1))
+    (copy,) = staging_copies(tmp_path / "staging")
+    assert copy.in_use and not remove(copy)
