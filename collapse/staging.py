@@ -69,13 +69,16 @@ def _size(folder: Path) -> int:
     return total
 
 
-def _in_use(marker: Path) -> bool:
-    with open(marker, "a") as fh:
+def flocked(path: Path) -> bool | None:
+    """Whether another process holds an flock on `path`; None when there is no such file."""
+    if not path.is_file():
+        return None
+    with open(path, "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
-        return False
+        return False  # closing the file releases our probe
 
 
 def staging_copies(base: Path) -> list[StagingCopy]:
@@ -85,7 +88,8 @@ def staging_copies(base: Path) -> list[StagingCopy]:
     copies = []
     for marker in sorted(base.rglob(MARKER)):
         location = marker.read_text().strip() or "?"
-        copies.append(StagingCopy(marker.parent, location, _size(marker.parent), _in_use(marker)))
+        in_use = flocked(marker) is True
+        copies.append(StagingCopy(marker.parent, location, _size(marker.parent), in_use))
     return copies
 
 

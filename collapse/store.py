@@ -36,6 +36,8 @@ from collapse.object_store import (
     stages_in,
     staging_root,
 )
+from collapse.staging import flocked
+from collapse.staging import hold as hold_staging_copy
 
 MANIFEST = "manifest.json"
 MANIFEST_LOCK = ".manifest.lock"
@@ -359,9 +361,7 @@ class RunStore:
         opens an existing copy, and before its first local write otherwise: a store that only
         reads the URL (`collapse status` listing runs) leaves no copy behind."""
         if self.remote is not None and self._staging_hold is None:
-            from collapse import staging as staging_copies
-
-            self._staging_hold = staging_copies.hold(self.run_dir, self.location)
+            self._staging_hold = hold_staging_copy(self.run_dir, self.location)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -869,24 +869,12 @@ class RunStore:
         """Whether a process holds the run's lock (see `lock`); None when it cannot be told
         from here (no lock file yet, or an object store without leases)."""
         if self.remote is None:
-            return _flocked(self.run_dir / ".lock")
+            return flocked(self.run_dir / ".lock")
         if self.remote.renames:
-            return _flocked(Path(self.remote.path(self._object(".lock"))))
+            return flocked(Path(self.remote.path(self._object(".lock"))))
         if self.remote.leases:
             return self.remote.lease(self._object(".lease")).live()
         return None
-
-
-def _flocked(path: Path) -> bool | None:
-    """Whether another process holds an flock on `path`; None when there is no such file."""
-    if not path.is_file():
-        return None
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        return False  # closing the file releases our probe
 
 
 @contextlib.contextmanager
