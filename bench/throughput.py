@@ -342,11 +342,11 @@ def run_sampling(
         results[side] = (time.perf_counter() - start, lengths)
         peaks[side] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
-    def generate() -> list[int]:
+    def generate(count: int, new_tokens: int) -> list[int]:
         lengths = []
         torch.manual_seed(0)
-        for first in range(0, n, batch):
-            rows = min(batch, n - first)
+        for first in range(0, count, batch):
+            rows = min(batch, count - first)
             with torch.inference_mode():
                 out = reference.generate(
                     torch.full((rows, 1), eos, device=device),
@@ -354,7 +354,7 @@ def run_sampling(
                     do_sample=True,
                     top_k=0,
                     top_p=1.0,
-                    max_new_tokens=cap,
+                    max_new_tokens=new_tokens,
                     logits_processor=LogitsProcessorList([bias]),
                     pad_token_id=eos,
                     eos_token_id=eos,
@@ -363,12 +363,12 @@ def run_sampling(
                 lengths.append(row.index(eos) + 1 if eos in row else len(row))
         return lengths
 
-    def slots() -> list[int]:
+    def slots(count: int, new_tokens: int) -> list[int]:
         stories = sample_stories(
             ours,
-            list(range(n)),
+            list(range(count)),
             key=0,
-            max_new_tokens=cap,
+            max_new_tokens=new_tokens,
             start_id=eos,
             end_id=eos,
             slots=batch,
@@ -378,31 +378,10 @@ def run_sampling(
         return [len(tokens) + ended for _, tokens, ended in stories]
 
     if device.type == "cuda":  # kernels and allocator warmed on a slice, untimed, both sides
-        start = torch.full((batch, 1), eos, device=device)
-        with torch.inference_mode():
-            reference.generate(
-                start,
-                attention_mask=torch.ones_like(start),
-                do_sample=True,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=8,
-                pad_token_id=eos,
-            )
-        warm = sample_stories(
-            ours,
-            list(range(batch)),
-            key=1,
-            max_new_tokens=8,
-            start_id=eos,
-            end_id=eos,
-            slots=batch,
-            device=device,
-        )
-        for _ in warm:
-            pass
-    timed("reference (generate)", generate)
-    timed("ours (slots)", slots)
+        generate(batch, 8)
+        slots(batch, 8)
+    timed("reference (generate)", lambda: generate(n, cap))
+    timed("ours (slots)", lambda: slots(n, cap))
     print(f"{name}: {n} stories, batch/slots {batch}, max_new_tokens {cap}, vocab {vocab}")
     rates = {}
     for side, (seconds, lengths) in results.items():
