@@ -79,7 +79,7 @@ class ModelConfig(Section):
         None, description="TinyStories-1M/-33M architecture (the paper's); fills the fields below."
     )
     implementation: Literal[tuple(IMPLEMENTATIONS)] = Field(  # type: ignore[valid-type]
-        "transformers",
+        "fast",
         description="Code that computes the architecture: transformers (the reference) or fast "
         "(plain PyTorch: SDPA attention, preallocated KV cache; same weights and checkpoints).",
     )
@@ -232,7 +232,7 @@ class SampleConfig(Section):
     top_k: int = Field(0, ge=0, description="0 disables top-k (the paper: disabled).")
     top_p: float = Field(1.0, gt=0, le=1, description="1.0 disables nucleus sampling.")
     rng: Literal["shard", "story"] = Field(
-        "shard",
+        "story",
         description="shard: one seeded stream per shard, shared by its batches; story: "
         "counter-based per (generation, story, position), so a story does not depend on "
         "sample.batch_size or on the stories beside it.",
@@ -383,6 +383,8 @@ _HASH_EXCLUDED_SECTIONS = {"orchestration", "eval"}
 # Keys added after runs existed, left out of every hash while they hold the value that all
 # earlier runs implicitly had: adding a key never renames a run folder nor recomputes a stage,
 # and choosing another value does. Stage key functions use `without_neutral` for the same rule.
+# A key whose default has since changed (implementation, rng) names a new run when left unset;
+# `collapse.started` resumes the run started under the earlier default instead, if it exists.
 HASH_NEUTRAL: dict[tuple[str, str], Any] = {
     ("model", "implementation"): "transformers",
     ("sample", "rng"): "shard",

@@ -11,6 +11,7 @@ runs that exist already, and an arm can be resumed or inspected with the single-
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from dataclasses import dataclass
@@ -30,6 +31,13 @@ from collapse.config import (
 )
 from collapse.errors import UserError
 from collapse.sections import PositiveInt
+from collapse.started import (
+    as_started,
+    earlier_defaults_note,
+    started_with,
+    under_earlier_defaults,
+    unset_changed_defaults,
+)
 from collapse.store import RunStore, canonical_root, child_root, root_problem
 
 SEED_KEY = "run.seed"
@@ -135,6 +143,7 @@ class Sweep:
     spec: SweepFile
     base: Path
     arms: tuple[Arm, ...]
+    notes: tuple[str, ...] = ()  # what to tell the user before running it
 
     @property
     def name(self) -> str:
@@ -219,27 +228,29 @@ def _differences(a: Config, b: Config) -> list[str]:
 
 def _load_arm(
     base: Path, overrides: list[str], check_inputs: bool
-) -> tuple[Config | None, list[str]]:
-    """An arm's config, or its problems (missing input files too, as `collapse run` reports)."""
+) -> tuple[Config | None, list[str], bool]:
+    """An arm's config, or its problems (missing input files too, as `collapse run` reports),
+    and whether it is a run started under earlier defaults (`collapse.started`)."""
     try:
         config = load_config(base, overrides, check_inputs=False)
     except ConfigError:
         try:
             load_config(base, overrides)
         except ConfigError as exc:
-            return None, exc.problems
+            return None, exc.problems, False
         raise
     if check_inputs:  # as `collapse run` does before it starts anything
         unusable = root_problem(config.run.artifact_root)
         if unusable:
-            return None, [f"run.artifact_root: {unusable}"]
+            return None, [f"run.artifact_root: {unusable}"], False
+    config, note = as_started(config)
     # A started run may no longer need its inputs (as in `collapse run`): checked before start.
     started = RunStore(config.run.artifact_root, run_id_for(config)).started()
     if check_inputs and not started:
         missing = input_problems(config_to_dict(config))
         if missing:
-            return None, missing
-    return config, []
+            return None, missing, False
+    return config, [], note is not None
 
 
 def _arm_points(spec: SweepFile) -> list[tuple[str, str, list[str]]]:
@@ -302,17 +313,41 @@ def load_sweep(path: str | Path, *, check_inputs: bool = True) -> Sweep:
     arms: list[Arm] = []
     by_problem: dict[str, list[str]] = {}
     points = _arm_points(spec)
+    resumed_earlier = []
     for label, group, overrides in points:
-        config, problems = _load_arm(base, [*spec.overrides, *overrides], check_inputs)
+        config, problems, earlier = _load_arm(base, [*spec.overrides, *overrides], check_inputs)
         for problem in problems:
             by_problem.setdefault(problem, []).append(label)
         if config is not None:
             arms.append(Arm(label, group, tuple(overrides), config))
+        if earlier:
+            resumed_earlier.append(label)
     problems = [_arm_problem(names, problem, len(points)) for problem, names in by_problem.items()]
+    notes: tuple[str, ...] = ()
+    if resumed_earlier and not problems:
+        arms, notes = _under_earlier_defaults(spec.name, arms, resumed_earlier)
     problems += _shared_run_problems(arms)
     if problems:
         raise SweepError(path, problems)
-    return Sweep(path, spec, base, tuple(arms))
+    return Sweep(path, spec, base, tuple(arms), notes)
+
+
+def _under_earlier_defaults(
+    name: str, arms: list[Arm], resumed: list[str]
+) -> tuple[list[Arm], tuple[str, ...]]:
+    """Every arm not started under today's defaults takes the earlier ones, as the `resumed`
+    arms' runs were started: arms then differ only in what the sweep says."""
+    changed = {}
+    settled = []
+    for arm in arms:
+        earlier = under_earlier_defaults(arm.config)
+        if earlier is not None and not started_with(arm.config):
+            changed.update(unset_changed_defaults(arm.config))
+            arm = dataclasses.replace(arm, config=earlier)
+        settled.append(arm)
+    subject = f"sweep {name}: arms {'; '.join(resumed)} were"
+    note = earlier_defaults_note(subject, "every arm runs", changed)
+    return settled, (note,)
 
 
 def _arm_problem(labels: list[str], problem: str, total: int) -> str:

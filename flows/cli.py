@@ -133,6 +133,7 @@ def checked_config(path: str, overrides: list[str], sweep_hint: str) -> Config |
         overrides: `key=value` overrides.
         sweep_hint: what to say when `path` is a sweep file.
     """
+    from collapse.started import as_started
     from collapse.store import RunStore, root_problem
     from collapse.sweep import is_sweep_file
 
@@ -149,6 +150,9 @@ def checked_config(path: str, overrides: list[str], sweep_hint: str) -> Config |
     unusable = root_problem(config.run.artifact_root)
     if unusable:
         return f"run.artifact_root: {unusable}"
+    config, note = as_started(config)
+    if note:
+        print(note)
     if not RunStore(config.run.artifact_root, run_id_for(config)).started():
         missing = input_problems(config_to_dict(config))
         if missing:
@@ -238,6 +242,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from flows.sweep import SweepFailed
     from flows.sweep import sweep as sweep_flow
 
+    for note in sweep.notes:
+        print(note)
     distinct = sweep.runs  # arms with equal configs are one run, run once
     runs = [
         {

@@ -3,6 +3,8 @@
 The keys below were computed by the code at 79ec5e2 (before the extension-point refactor) over
 manifests with fixed, fake parent digests. A change that alters one of them invalidates every
 user's finished stages of that kind: bump the stage's version on purpose instead, and say so.
+They hold under the defaults of that time (`EARLIER`); runs started then resume under them
+(`collapse.started`, tested below), while today's defaults name new runs (`TODAY_RUN_IDS`).
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ DEMO_KEYS = {
     "2/eval.perplexity": "502efc0d99828f40f92e7d6d8dbc7c7f6f6a66fda60c292a405d2c65fcdead43",
 }
 RUN_IDS = {"demo.yaml": "demo-9af23572f8", "paper-33m.yaml": "paper-33m-a8eb729f88"}
+# The defaults every run had before 2026-12-07 (model.implementation and sample.rng changed).
+EARLIER = ["model.implementation=transformers", "sample.rng=shard"]
 PAPER_33M_TRAIN_1 = "4e45b9ca596f01fb413ac531640eb193bcf37ec8c965e796a1aef878e92387c8"
 
 
-def _context(config_name: str, root: Path) -> Context:
+def _context(config_name: str, root: Path, overrides: tuple[str, ...] = tuple(EARLIER)) -> Context:
     """A run whose manifests hold fixed digests: keys then depend on the key code alone."""
     store = RunStore(root, "pinned")
     for gen in range(0, 3):
@@ -50,7 +54,8 @@ def _context(config_name: str, root: Path) -> Context:
             for stage in ("corpus", "train", "sample", "eval.oov")
         }
         atomic_write_json(store.manifest_path(gen), {"generation": gen, "stages": stages})
-    return Context(load_config(REPO / "configs" / config_name), store, log=lambda _: None)
+    config = load_config(REPO / "configs" / config_name, list(overrides))
+    return Context(config, store, log=lambda _: None)
 
 
 def test_demo_stage_keys_are_those_of_earlier_releases(tmp_path: Path):
@@ -62,20 +67,80 @@ def test_demo_stage_keys_are_those_of_earlier_releases(tmp_path: Path):
 
 @pytest.mark.parametrize("name", sorted(RUN_IDS))
 def test_run_ids_are_those_of_earlier_releases(name: str):
-    assert run_id_for(load_config(REPO / "configs" / name)) == RUN_IDS[name]
+    assert run_id_for(load_config(REPO / "configs" / name, EARLIER)) == RUN_IDS[name]
 
 
 def test_paper_train_key_is_that_of_earlier_releases(tmp_path: Path):
     assert stage_key(_context("paper-33m.yaml", tmp_path), 1, "train") == PAPER_33M_TRAIN_1
 
 
-def test_an_added_key_at_its_neutral_value_changes_no_hash_and_another_value_does(tmp_path):
-    config = load_config(REPO / "configs" / "demo.yaml", ["model.implementation=transformers"])
-    assert run_id_for(config) == RUN_IDS["demo.yaml"]
-    data = config.model_dump(mode="json")
-    data["model"]["implementation"] = "other"
-    # No second implementation exists yet: the neutral-value rule is checked on the hash input.
+def test_an_added_key_at_its_neutral_value_changes_no_hash_and_another_value_does():
     from collapse.config import without_neutral
 
-    assert "implementation" in without_neutral("model", data["model"])
-    assert "implementation" not in without_neutral("model", config.model_dump(mode="json")["model"])
+    config = load_config(REPO / "configs" / "demo.yaml", EARLIER)
+    assert run_id_for(config) == RUN_IDS["demo.yaml"]
+    model = config.model_dump(mode="json")["model"]
+    assert "implementation" not in without_neutral("model", model)
+    assert "implementation" in without_neutral("model", {**model, "implementation": "fast"})
+
+
+# Today's defaults (model.implementation: fast, sample.rng: story) name new runs.
+TODAY_RUN_IDS = {"demo.yaml": "demo-cc0b101087", "paper-33m.yaml": "paper-33m-1f94bb6f8e"}
+
+
+@pytest.mark.parametrize("name", sorted(TODAY_RUN_IDS))
+def test_run_ids_under_todays_defaults_are_pinned(name: str):
+    assert run_id_for(load_config(REPO / "configs" / name)) == TODAY_RUN_IDS[name]
+
+
+def test_todays_defaults_change_only_the_sample_keys(tmp_path: Path):
+    """The implementation is in no stage key (it computes the same function); the story rng
+    draws other tokens, so the sample stages, and only they, have other keys."""
+    ctx = _context("demo.yaml", tmp_path, ())
+    keys = {f"{g}/{s}": stage_key(ctx, g, s) for g in (0, 1, 2) for s in stages_of(ctx, g)}
+    differing = sorted(k for k in DEMO_KEYS if keys[k] != DEMO_KEYS[k])
+    assert differing == ["1/sample", "2/sample"]
+
+
+def _start(config) -> None:
+    """Mark the run `config` names as started with it (what freeze_config leaves)."""
+    store = RunStore(config.run.artifact_root, run_id_for(config))
+    store.run_dir.mkdir(parents=True)
+    store.config_path.write_text("frozen\n")
+    store.config_hash_path.write_text(config_hash(config) + "\n")
+
+
+def test_a_run_started_under_the_earlier_defaults_resumes_as_it_was_started(tmp_path: Path):
+    from collapse.started import as_started
+
+    root = [f"run.artifact_root={tmp_path}"]
+    today = load_config(REPO / "configs" / "demo.yaml", root)
+    assert as_started(today) == (today, None)  # nothing started: today's defaults
+    _start(load_config(REPO / "configs" / "demo.yaml", root + EARLIER))
+    config, note = as_started(today)
+    assert run_id_for(config) == RUN_IDS["demo.yaml"]
+    assert (config.model.implementation, config.sample.rng) == ("transformers", "shard")
+    assert note == (
+        f"run {RUN_IDS['demo.yaml']} was started before today's defaults: it resumes as started "
+        "(model.implementation=transformers, sample.rng=shard); to use today's defaults "
+        "instead, set model.implementation=fast sample.rng=story"
+    )
+    # A key set explicitly is what the user asked for: only the keys left unset are looked up.
+    for explicit in ("sample.rng=story", "model.implementation=fast"):
+        asked = load_config(REPO / "configs" / "demo.yaml", [*root, explicit])
+        assert as_started(asked) == (asked, None)
+    asked = load_config(REPO / "configs" / "demo.yaml", [*root, "sample.rng=shard"])
+    assert run_id_for(as_started(asked)[0]) == RUN_IDS["demo.yaml"]
+    # Once a run with today's defaults exists, it is the one resumed.
+    _start(today)
+    assert as_started(today) == (today, None)
+
+
+def test_a_named_run_started_under_the_earlier_defaults_resumes_as_it_was_started(tmp_path):
+    from collapse.started import as_started
+
+    named = [f"run.artifact_root={tmp_path}", "run.run_id=mine"]
+    _start(load_config(REPO / "configs" / "demo.yaml", named + EARLIER))
+    config, note = as_started(load_config(REPO / "configs" / "demo.yaml", named))
+    assert (run_id_for(config), config.sample.rng) == ("mine", "shard")
+    assert note is not None and note.startswith("run mine was started before today's defaults")

@@ -1,0 +1,88 @@
+"""Defaults changed after runs existed: a run started under the earlier ones resumes as it was.
+
+`collapse.config.HASH_NEUTRAL` holds, for every key added after runs existed, the value all
+earlier runs had. Where a key's default is now another value (`model.implementation: fast` and
+`sample.rng: story` since 2026-12-07), a config that leaves the key unset names a new run folder
+(the key's value is part of the run hash), so re-running an old config would silently start
+over. Instead, when the run that the same config named under the earlier defaults exists and
+the new one does not, that run is the one meant: it resumes with the values it was started
+with, and the caller says so. Setting the key explicitly starts a run with the new value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from collapse.config import (
+    HASH_NEUTRAL,
+    Config,
+    config_hash,
+    config_to_dict,
+    run_id_for,
+    validate_config,
+)
+from collapse.store import RunStore
+
+
+def unset_changed_defaults(config: Config) -> dict[str, tuple[Any, Any]]:
+    """`section.key` -> (earlier default, current value) for each changed default left unset."""
+    changed = {}
+    for (section, key), earlier in HASH_NEUTRAL.items():
+        part = getattr(config, section)
+        if key not in part.model_fields_set and getattr(part, key) != earlier:
+            changed[f"{section}.{key}"] = (earlier, getattr(part, key))
+    return changed
+
+
+def under_earlier_defaults(config: Config) -> Config | None:
+    """The same config with every changed default it leaves unset at its earlier value.
+
+    None when there is none (the config is the same under the earlier defaults).
+    """
+    changed = unset_changed_defaults(config)
+    if not changed:
+        return None
+    data = config_to_dict(config)
+    for dotted, (earlier, _) in changed.items():
+        section, key = dotted.split(".")
+        data[section][key] = earlier
+    return validate_config(data)
+
+
+def started_with(config: Config) -> bool:
+    """Whether the run `config` names exists and was started with this very config."""
+    store = RunStore(config.run.artifact_root, run_id_for(config))
+    frozen = store.read_run_file(store.config_hash_path)
+    return frozen is not None and frozen.decode().strip() == config_hash(config)
+
+
+def as_started(config: Config) -> tuple[Config, str | None]:
+    """The config to run: `config`, or its earlier-defaults twin where only that run exists.
+
+    Args:
+        config: a validated config, as loaded from the user's file and overrides.
+
+    Returns:
+        The config, and a line for the user when it is the earlier-defaults twin (else None).
+    """
+    earlier = under_earlier_defaults(config)
+    if earlier is None or started_with(config) or not started_with(earlier):
+        return config, None
+    subject = f"run {run_id_for(earlier)} was"
+    return earlier, earlier_defaults_note(subject, "it resumes", unset_changed_defaults(config))
+
+
+def earlier_defaults_note(subject: str, what: str, changed: dict[str, tuple[Any, Any]]) -> str:
+    """The line telling the user that `subject` (e.g. "run X was") runs as it was started.
+
+    Args:
+        subject: who was started under the earlier defaults, with its verb.
+        what: who runs as started, with its verb (e.g. "it resumes").
+        changed: `unset_changed_defaults` of the config as loaded.
+    """
+    was = ", ".join(f"{k}={v[0]}" for k, v in changed.items())
+    now = " ".join(f"{k}={v[1]}" for k, v in changed.items())
+    return (
+        f"{subject} started before today's defaults: {what} as started ({was}); "
+        f"to use today's defaults instead, set {now}"
+    )
