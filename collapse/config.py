@@ -226,7 +226,11 @@ class SampleConfig(Section):
 
     num_sequences: PositiveInt = Field(2000, description="Size of each generated corpus.")
     max_new_tokens: PositiveInt = Field(600, description="Length cap; a sequence stops at EOS.")
-    batch_size: PositiveInt = Field(200, description="Sequences sampled together.")
+    batch_size: PositiveInt = Field(
+        200,
+        description="Sequences sampled together: the slots of the continuous-batching pool (fast "
+        "model, story rng), else static batches.",
+    )
     shard_size: PositiveInt = Field(1000, description="Sequences per Parquet shard.")
     temperature: PositiveFloat = Field(1.0, description="Softmax temperature (paper: 1).")
     top_k: int = Field(0, ge=0, description="0 disables top-k (the paper: disabled).")

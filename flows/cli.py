@@ -126,7 +126,9 @@ def checked_config(path: str, overrides: list[str], sweep_hint: str) -> Config |
     checked only before a run's first start (no config.yaml in its folder yet): a resumed run may
     no longer need them (its corpus stage is done), and the stage that reads a file checks it if
     it must run. A URL artifact root is probed (a probe object written and removed), so missing
-    credentials or a missing bucket stop here, not in the middle of a run.
+    credentials or a missing bucket stop here, not in the middle of a run. A run started under
+    defaults that have changed since is resumed as it was started, with a line saying so
+    (`collapse.started`).
 
     Args:
         path: the config file.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from collapse.config import Config, ModelConfig
+from collapse.config import Config, ModelConfig, config_hash, run_id_for
 from collapse.context import Context
 from collapse.evals import registry
 from collapse.lease import LEASE_ENV
@@ -46,6 +46,18 @@ def write_story_file(path: Path, n: int = 300, seed: int = 0) -> Path:
 @pytest.fixture
 def story_file(tmp_path: Path) -> Path:
     return write_story_file(tmp_path / "stories.txt")
+
+
+# The defaults every run had before 2026-12-07 (model.implementation and sample.rng changed).
+EARLIER_DEFAULTS = ["model.implementation=transformers", "sample.rng=shard"]
+
+
+def mark_started(config: Config) -> None:
+    """Make the run `config` names look started with it (what `freeze_config` leaves)."""
+    store = RunStore(config.run.artifact_root, run_id_for(config))
+    store.run_dir.mkdir(parents=True)
+    store.config_path.write_text("frozen\n")
+    store.config_hash_path.write_text(config_hash(config) + "\n")
 
 
 def tiny_config_dict(corpus_path: Path, root: Path, generations: int = 2) -> dict:

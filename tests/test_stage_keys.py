@@ -18,7 +18,7 @@ from collapse.context import Context
 from collapse.pipeline import stage_key, stages_of
 from collapse.store import RunStore, atomic_write_json
 
-from .conftest import REPO
+from .conftest import EARLIER_DEFAULTS, REPO, mark_started
 
 DEMO_KEYS = {
     "0/corpus": "bca7beee22943214092e8be55efb483145c6772fdd493aa1d74a81819607e1af",
@@ -40,8 +40,7 @@ DEMO_KEYS = {
     "2/eval.perplexity": "502efc0d99828f40f92e7d6d8dbc7c7f6f6a66fda60c292a405d2c65fcdead43",
 }
 RUN_IDS = {"demo.yaml": "demo-9af23572f8", "paper-33m.yaml": "paper-33m-a8eb729f88"}
-# The defaults every run had before 2026-12-07 (model.implementation and sample.rng changed).
-EARLIER = ["model.implementation=transformers", "sample.rng=shard"]
+EARLIER = EARLIER_DEFAULTS
 PAPER_33M_TRAIN_1 = "4e45b9ca596f01fb413ac531640eb193bcf37ec8c965e796a1aef878e92387c8"
 
 
@@ -102,21 +101,13 @@ def test_todays_defaults_change_only_the_sample_keys(tmp_path: Path):
     assert differing == ["1/sample", "2/sample"]
 
 
-def _start(config) -> None:
-    """Mark the run `config` names as started with it (what freeze_config leaves)."""
-    store = RunStore(config.run.artifact_root, run_id_for(config))
-    store.run_dir.mkdir(parents=True)
-    store.config_path.write_text("frozen\n")
-    store.config_hash_path.write_text(config_hash(config) + "\n")
-
-
 def test_a_run_started_under_the_earlier_defaults_resumes_as_it_was_started(tmp_path: Path):
     from collapse.started import as_started
 
     root = [f"run.artifact_root={tmp_path}"]
     today = load_config(REPO / "configs" / "demo.yaml", root)
     assert as_started(today) == (today, None)  # nothing started: today's defaults
-    _start(load_config(REPO / "configs" / "demo.yaml", root + EARLIER))
+    mark_started(load_config(REPO / "configs" / "demo.yaml", root + EARLIER))
     config, note = as_started(today)
     assert run_id_for(config) == RUN_IDS["demo.yaml"]
     assert (config.model.implementation, config.sample.rng) == ("transformers", "shard")
@@ -132,7 +123,7 @@ def test_a_run_started_under_the_earlier_defaults_resumes_as_it_was_started(tmp_
     asked = load_config(REPO / "configs" / "demo.yaml", [*root, "sample.rng=shard"])
     assert run_id_for(as_started(asked)[0]) == RUN_IDS["demo.yaml"]
     # Once a run with today's defaults exists, it is the one resumed.
-    _start(today)
+    mark_started(today)
     assert as_started(today) == (today, None)
 
 
@@ -140,7 +131,20 @@ def test_a_named_run_started_under_the_earlier_defaults_resumes_as_it_was_starte
     from collapse.started import as_started
 
     named = [f"run.artifact_root={tmp_path}", "run.run_id=mine"]
-    _start(load_config(REPO / "configs" / "demo.yaml", named + EARLIER))
+    mark_started(load_config(REPO / "configs" / "demo.yaml", named + EARLIER))
     config, note = as_started(load_config(REPO / "configs" / "demo.yaml", named))
     assert (run_id_for(config), config.sample.rng) == ("mine", "shard")
     assert note is not None and note.startswith("run mine was started before today's defaults")
+
+
+def test_collapse_run_and_submit_say_they_resume_a_run_under_the_earlier_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from flows.cli import checked_config
+
+    root = [f"run.artifact_root={tmp_path}"]
+    mark_started(load_config(REPO / "configs" / "demo.yaml", root + EARLIER))
+    config = checked_config(str(REPO / "configs" / "demo.yaml"), root, "a sweep")
+    assert not isinstance(config, str) and run_id_for(config) == RUN_IDS["demo.yaml"]
+    said = capsys.readouterr().out
+    assert said.startswith(f"run {RUN_IDS['demo.yaml']} was started before today's defaults")

@@ -42,7 +42,7 @@ from collapse.sweep_stats import (
 )
 from flows.sweep import SweepFailed, SweepFailedByUser, sweep_failure
 
-from .conftest import REPO, tiny_config_dict, write_story_file
+from .conftest import EARLIER_DEFAULTS, REPO, mark_started, tiny_config_dict, write_story_file
 
 GRID = {"train.objective": ["mle", "mixce"], "run.seed": [1, 2]}
 
@@ -119,6 +119,28 @@ def test_arms_with_equal_configs_are_one_run(tmp_path: Path):
     assert sweep.labels_of(sweep.runs[0]) == ["paper", "mle"]
     # without a seed axis, each arm is a group of one seed
     assert list(sweep.groups) == ["paper", "mle"]
+
+
+def test_one_arm_started_under_the_earlier_defaults_puts_every_new_arm_under_them(tmp_path):
+    path = _sweep(tmp_path, grid=GRID)
+    fresh = load_sweep(path)
+    assert fresh.notes == ()
+    assert {(a.config.model.implementation, a.config.sample.rng) for a in fresh.arms} == {
+        ("fast", "story")
+    }
+    started = load_config(tmp_path / "tiny.yaml", ["run.seed=2", *EARLIER_DEFAULTS])
+    mark_started(started)
+    sweep = load_sweep(path)
+    assert sweep.arms[1].run_id == run_id_for(started)
+    # the others too, so that the arms differ only in what the sweep says
+    assert {(a.config.model.implementation, a.config.sample.rng) for a in sweep.arms} == {
+        ("transformers", "shard")
+    }
+    assert sweep.notes == (
+        "sweep demo: arms objective=mle,seed=2 were started before today's defaults: every arm "
+        "runs as started (model.implementation=transformers, sample.rng=shard); to use today's "
+        "defaults instead, set model.implementation=fast sample.rng=story",
+    )
 
 
 def test_a_bad_value_in_one_arm_names_that_arm_and_every_problem_comes_at_once(tmp_path: Path):
