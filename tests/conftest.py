@@ -93,7 +93,14 @@ def tiny_config_file(tmp_path: Path, story_file: Path) -> Path:
 
 @pytest.fixture
 def tiny_model():
-    model_cfg = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, max_position_embeddings=64)
+    """A tiny transformers GPT-Neo: the reference that `generate` and our code are checked on."""
+    model_cfg = ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_heads=4,
+        max_position_embeddings=64,
+        implementation="transformers",
+    )
     return build_model(model_cfg, vocab_size=50, start_id=0, end_id=0, seed=3).eval()
 
 

@@ -19,7 +19,8 @@ from collapse.models import (
 )
 from collapse.models.gpt_neo_hf import gpt_neo_config
 
-TINY = ModelConfig(num_layers=2, hidden_size=32, num_heads=4)
+# the reference implementation (tests/test_fast_model.py checks ours against it)
+TINY = ModelConfig(num_layers=2, hidden_size=32, num_heads=4, implementation="transformers")
 
 
 def test_presets_match_the_tinystories_models():

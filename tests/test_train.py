@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from collapse.config import ModelConfig, TrainConfig
-from collapse.models import build_model
+from collapse.models import build_model, logits
 from collapse.train import make_blocks, total_steps, train_model
 
 CPU = torch.device("cpu")
@@ -52,7 +52,7 @@ def test_eos_is_a_trained_target(tmp_path: Path):
         checkpoint_key="k",
     )
     with torch.no_grad():
-        probs = model(torch.tensor([[0, 5, 6, 7]])).logits[0, -1].softmax(-1)
+        probs = logits(model, torch.tensor([[0, 5, 6, 7]]))[0, -1].softmax(-1)
     assert float(probs[0]) > 0.9  # the story ends after "5 6 7": EOS was not masked
 
 
