@@ -228,8 +228,14 @@ class SampleConfig(Section):
     max_new_tokens: PositiveInt = Field(600, description="Length cap; a sequence stops at EOS.")
     batch_size: PositiveInt = Field(
         200,
-        description="Sequences sampled together: the slots of the continuous-batching pool (fast "
-        "model, story rng), else static batches.",
+        description="Sequences sampled together: static batches, or the continuous-batching "
+        "pool (fast model, story rng) when sample.slots is unset.",
+    )
+    slots: PositiveInt | None = Field(
+        None,
+        description="Stories decoded at once by the continuous-batching pool (fast model, story "
+        "rng); null: sample.batch_size. Each story draws its own randomness, so this does not "
+        "change the corpus and is not part of the run id: size it to the device, even mid-run.",
     )
     shard_size: PositiveInt = Field(1000, description="Sequences per Parquet shard.")
     temperature: PositiveFloat = Field(1.0, description="Softmax temperature (paper: 1).")
@@ -381,7 +387,12 @@ class Config(Section):
 # Left out of the run hash, so the run (its folder) stays the same: extending `run.generations`,
 # moving the artifact root, orchestration, and the evaluations (adding one, or a judge, to a
 # finished run computes just that; each evaluation's stage key covers its own settings).
-_HASH_EXCLUDED = {("run", "generations"), ("run", "artifact_root"), ("run", "run_id")}
+_HASH_EXCLUDED = {
+    ("run", "generations"),
+    ("run", "artifact_root"),
+    ("run", "run_id"),
+    ("sample", "slots"),
+}
 _HASH_EXCLUDED_SECTIONS = {"orchestration", "eval"}
 
 # Keys added after runs existed, left out of every hash while they hold the value that all

@@ -286,7 +286,7 @@ def _slot_shards(
     device: torch.device,
     bar: Any,
 ) -> Iterator[Shard]:
-    """The shards in `todo` from one pool of `cfg.batch_size` slots (continuous batching).
+    """The shards in `todo` from one pool of `cfg.slots` (default `cfg.batch_size`) slots.
 
     The pool runs across shard boundaries (no shard drains it); a shard is yielded once its
     last story has ended, so shards come out in about, not exactly, their order.
@@ -303,7 +303,7 @@ def _slot_shards(
         max_new_tokens=cfg.max_new_tokens,
         start_id=ends[0],
         end_id=ends[1],
-        slots=cfg.batch_size,
+        slots=cfg.slots or cfg.batch_size,
         # the warpers read only the scores (input_ids are for repetition penalties)
         warp=(lambda scores: warpers(None, scores)) if warpers else None,
         device=device,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,6 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
+from collapse.config import SampleConfig
 from collapse.corpus.parquet import shard_name
 from collapse.sample import draw_tokens, sample_batch, sample_corpus, shard_sizes
 from collapse.store import sha256_file
@@ -67,7 +67,7 @@ def _cfg(**kw):
         top_p=1.0,
         rng="shard",
     )
-    return SimpleNamespace(**{**base, **kw})
+    return SampleConfig(**{**base, **kw})
 
 
 def test_shards_resume_byte_identical(tmp_path: Path, tiny_model):

@@ -77,12 +77,20 @@ def test_slot_corpora_do_not_depend_on_batch_size_and_resume_byte_identical(
 ):
     cpu = torch.device("cpu")
     hashes = {}
-    for batch in (1, 4, 10):
-        out = tmp_path / f"batch-{batch}"
-        cfg = _cfg(num_sequences=10, batch_size=batch, shard_size=4, rng="story", max_new_tokens=30)
+    for batch, slots in ((1, None), (4, None), (10, None), (4, 7)):
+        out = tmp_path / f"batch-{batch}-{slots}"
+        cfg = _cfg(
+            num_sequences=10,
+            batch_size=batch,
+            slots=slots,
+            shard_size=4,
+            rng="story",
+            max_new_tokens=30,
+        )
         sample_corpus(fast_model, _Tok(), cfg, out, seed=1, progress_key="k", device=cpu)
-        hashes[batch] = [sha256_file(out / shard_name(i)) for i in range(3)]
-    assert hashes[1] == hashes[4] == hashes[10]
+        hashes[batch, slots] = [sha256_file(out / shard_name(i)) for i in range(3)]
+    assert hashes[1, None] == hashes[4, None] == hashes[10, None] == hashes[4, 7]
+    hashes[4] = hashes[4, None]
     # a run that stopped after shard 1: the rest is sampled again, identically
     part = tmp_path / "part"
     cfg = _cfg(num_sequences=10, batch_size=4, shard_size=4, rng="story", max_new_tokens=30)
