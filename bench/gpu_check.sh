@@ -12,7 +12,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 #   OUT=$OUT bash bench/gpu_check.sh
-# Expected on an H100/H200: about 6 minutes (most of it transformers' `generate` on sample-33m).
+# Expected on an H100/H200: about 7 minutes (most of it transformers' `generate` on sample-33m).
 # The same steps shrunk to minutes on a CPU (to try the script before spending GPU time):
 #   GPU_CHECK_SMOKE=1 OUT=/tmp/gpu-check bash bench/gpu_check.sh
 set -u
@@ -38,12 +38,14 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     determinism=(--preset tinystories-1m --vocab 2048 --steps 2 --batch 2 --accumulate 2 --seq 64)
     downstream=(--repeats 1 --steps 1 --lengths 16,64)
     run=(--generations 1 --stories 300)
+    fp32=(--repeats 1 --cases sample-33m --stories 16 --sample-batch 8 --max-new-tokens 64)
 else
     device=cuda
     throughput=(--repeats 10)
     determinism=()
     downstream=(--repeats 10)
     run=()
+    fp32=(--repeats 1 --cases sample-33m)
 fi
 
 step environment 60 "$python" -c "
@@ -61,4 +63,8 @@ step determinism 150 "$python" bench/determinism.py --device "$device" "${determ
 step downstream 150 "$python" bench/downstream.py --device "$device" "${downstream[@]}"
 # every stage of a small run on the device, reference and fast path, timed per stage
 step run 240 "$python" bench/gpu_run.py --device "$device" "${run[@]}"
+# what sample.precision auto (bf16) buys: the 33M sampling race again in exact fp32 (last: the
+# steps above matter more if time runs short)
+step sample-fp32 150 "$python" bench/throughput.py --device "$device" --sample-precision fp32 \
+    "${fp32[@]}"
 echo "done: $out" | tee -a "$log"

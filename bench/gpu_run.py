@@ -3,9 +3,9 @@
 What only a GPU shows beyond the throughput benchmarks: that each stage (bf16 training, the
 samplers, perplexity, the downstream fine-tunes) runs end to end on CUDA, and what a stage costs
 inside a run. Runs configs/demo.yaml for `--generations` generations twice, in two run folders
-under a temporary root: the transformers reference (`model.implementation=transformers
-sample.rng=shard`, static batches) and the fast path (the defaults: our model, continuous
-batching), with
+under a temporary root: the reference (`model.implementation=transformers sample.rng=shard
+sample.precision=fp32`: the defaults before 2026-12-07, static batches) and the fast path (the
+defaults: our model, continuous batching, bf16 autocast while sampling on a GPU), with
 the evaluations that need no spaCy or judge. The fast run shares nothing with the reference
 (`orchestration.share_across_runs=false`: its training key equals the reference's, as the
 implementation is not part of it), and runs second, so the reference's first stages also pay
@@ -32,7 +32,7 @@ from collapse.table import text_table
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = {
-    "reference": ["model.implementation=transformers", "sample.rng=shard"],
+    "reference": ["model.implementation=transformers", "sample.rng=shard", "sample.precision=fp32"],
     "fast": [
         "model.implementation=fast",
         "sample.rng=story",

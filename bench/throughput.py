@@ -25,8 +25,10 @@ Paper-scale cases (the default on CUDA, too slow for a CPU):
 
 Each side runs `--repeats` times, interleaved, and the best time of each is compared, so a noisy
 neighbour hurts both alike. Prints tokens/s and the ratio. On CUDA the step runs under the
-autocast `train.precision: auto` picks (bf16 where supported), sampling in fp32 as the `sample`
-stage does, and each case also prints its peak GPU memory and how close it gets to the
+autocast `train.precision: auto` picks (bf16 where supported), sampling under the autocast of
+`--sample-precision` (default `auto`, as the `sample` stage's `sample.precision`: bf16 where
+supported; `fp32` is the exact arithmetic the stage used before 2026-12-07), and each case also
+prints its peak GPU memory and how close it gets to the
 hardware: MFU (model FLOPs per second over the bf16 matmul rate measured at the start; model
 FLOPs = 6 x the parameters that multiply (the tied output head included) + the attention's
 scores and mixing over the keys each position sees (causal, 256-token window on local layers),
@@ -294,11 +296,18 @@ def _eos_bias(model: torch.nn.Module, eos: int, device: torch.device, mean: floa
 
 
 def sampling_floor_seconds(
-    fields: dict, vocab: int, lengths: list[int], slots: int, hardware: Hardware
+    fields: dict,
+    vocab: int,
+    lengths: list[int],
+    slots: int,
+    hardware: Hardware,
+    amp: torch.dtype | None = None,
 ) -> float:
-    """Least time to sample stories of these lengths (fp32), if memory bandwidth were all that
-    limited it: the weights read once per step (steps = tokens / slots, every slot busy) and,
-    per token, the keys and values of the positions it attends to."""
+    """Least time to sample stories of these lengths, if memory bandwidth were all that limited
+    it: the weights read once per step (steps = tokens / slots, every slot busy) and, per token,
+    the keys and values of the positions it attends to. In fp32 (`amp` None) a weight is 4
+    bytes a step and a cached value 4; under autocast a weight is read in fp32, its cast
+    written and read again (4 + 2 + 2), and the cache holds 2-byte values."""
     hidden, window = fields["hidden_size"], fields["window_size"]
     inner = fields["intermediate_size"] or 4 * hidden
     weights = fields["num_layers"] * (4 * hidden * hidden + 2 * hidden * inner) + vocab * hidden
@@ -308,12 +317,17 @@ def sampling_floor_seconds(
     per_step = [sum(_keys_seen(kind, t, window) for kind in kinds) for t in range(max(lengths))]
     read_by_length = list(itertools.accumulate(per_step))  # keys read by a story of length t+1
     kv = sum(read_by_length[length - 1] for length in lengths if length > 0)
-    nbytes = 4 * (weights * tokens / slots + 2 * hidden * kv)
+    per_weight, per_value = (4, 4) if amp is None else (8, 2)
+    nbytes = per_weight * weights * tokens / slots + per_value * 2 * hidden * kv
     return nbytes / hardware.bandwidth
 
 
 def run_sampling(
-    name: str, case: SampleCase, device: torch.device, hardware: Hardware | None
+    name: str,
+    case: SampleCase,
+    device: torch.device,
+    hardware: Hardware | None,
+    amp: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Useful tokens/s of `generate` (static batches) vs our slots; prints them and the ratio,
     and returns them with the mean story length ("mean length")."""
@@ -337,7 +351,8 @@ def run_sampling(
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         start = time.perf_counter()
-        lengths = fn()
+        with autocast(device, amp):
+            lengths = fn()
         _sync(device)
         results[side] = (time.perf_counter() - start, lengths)
         peaks[side] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -378,11 +393,15 @@ def run_sampling(
         return [len(tokens) + ended for _, tokens, ended in stories]
 
     if device.type == "cuda":  # kernels and allocator warmed on a slice, untimed, both sides
-        generate(batch, 8)
-        slots(batch, 8)
+        with autocast(device, amp):
+            generate(batch, 8)
+            slots(batch, 8)
     timed("reference (generate)", lambda: generate(n, cap))
     timed("ours (slots)", lambda: slots(n, cap))
-    print(f"{name}: {n} stories, batch/slots {batch}, max_new_tokens {cap}, vocab {vocab}")
+    print(
+        f"{name}: {n} stories, batch/slots {batch}, max_new_tokens {cap}, vocab {vocab}, "
+        f"{str(amp or torch.float32).removeprefix('torch.')}"
+    )
     rates = {}
     for side, (seconds, lengths) in results.items():
         useful = sum(lengths)
@@ -395,7 +414,7 @@ def run_sampling(
     print(f"  speed-up (ours / reference): {ratio:.2f}x")
     if hardware is not None:
         seconds, lengths = results["ours (slots)"]
-        floor = sampling_floor_seconds(fields, vocab, lengths, batch, hardware)
+        floor = sampling_floor_seconds(fields, vocab, lengths, batch, hardware, amp)
         print(f"  ours at {floor / seconds:.1%} of the bandwidth floor ({floor:.2f} s)")
     lengths = results["ours (slots)"][1]
     return {**rates, "mean length": sum(lengths) / len(lengths)}
@@ -439,6 +458,12 @@ def main() -> None:
     parser.add_argument("--stories", type=int, default=None, help="sample cases: stories")
     parser.add_argument("--sample-batch", type=int, default=None, help="sample cases: slots")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="sample cases: cap")
+    parser.add_argument(
+        "--sample-precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="sample cases: the model's arithmetic (sample.precision; fp32 on a CPU)",
+    )
     parser.add_argument("--train-batch", type=int, default=None, help="train cases: batch")
     parser.add_argument("--train-seq", type=int, default=None, help="train cases: length")
     parser.add_argument("--paper-stories", type=int, default=1_000_000)
@@ -455,7 +480,9 @@ def main() -> None:
     device = pick_device(args.device)
     print(
         f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"precision={autocast_dtype('auto', device) or 'fp32'} repeats={args.repeats}"
+        f"precision={autocast_dtype('auto', device) or 'fp32'} "
+        f"sample-precision={autocast_dtype(args.sample_precision, device) or 'fp32'} "
+        f"repeats={args.repeats}"
     )
     if device.type == "cuda":
         print(f"gpu={torch.cuda.get_device_name(device)}")
@@ -477,7 +504,8 @@ def main() -> None:
                 args.sample_batch or case.slots,
                 args.max_new_tokens or case.max_new_tokens,
             )
-            sampled[name.removeprefix("sample-")] = run_sampling(name, case, device, hardware)
+            amp = autocast_dtype(args.sample_precision, device)
+            sampled[name.removeprefix("sample-")] = run_sampling(name, case, device, hardware, amp)
         else:
             case = CASES[name]
             if case.train:

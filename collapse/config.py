@@ -247,6 +247,11 @@ class SampleConfig(Section):
         "counter-based per (generation, story, position), so a story does not depend on "
         "sample.batch_size or on the stories beside it.",
     )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="The model's arithmetic while sampling; auto: bf16 autocast on CUDA with bf16 "
+        "support, else fp16; fp32 on CPU (as train.precision). Logits, softmax and draw stay fp32.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
 
 
@@ -398,11 +403,13 @@ _HASH_EXCLUDED_SECTIONS = {"orchestration", "eval"}
 # Keys added after runs existed, left out of every hash while they hold the value that all
 # earlier runs implicitly had: adding a key never renames a run folder nor recomputes a stage,
 # and choosing another value does. Stage key functions use `without_neutral` for the same rule.
-# A key whose default has since changed (implementation, rng) names a new run when left unset;
-# `collapse.started` resumes the run started under the earlier default instead, if it exists.
+# A key whose default has since changed (implementation, rng, sample precision) names a new run
+# when left unset; `collapse.started` resumes the run started under the earlier default
+# instead, if it exists.
 HASH_NEUTRAL: dict[tuple[str, str], Any] = {
     ("model", "implementation"): "transformers",
     ("sample", "rng"): "shard",
+    ("sample", "precision"): "fp32",
     ("train", "deterministic"): False,
     ("train", "objective"): "mle",
     ("train", "regime"): "replace",

@@ -26,6 +26,7 @@ from transformers.generation.logits_process import (
 )
 
 from collapse.corpus.parquet import shard_name, write_shard
+from collapse.device import autocast, autocast_dtype
 from collapse.faults import crash_point
 from collapse.models import implementation_of
 from collapse.seeding import derive_seed, seeded_torch
@@ -159,7 +160,7 @@ def sample_corpus(
 
     Returns:
         Stats: sequences, shards, shards_reused, tokens (EOS excluded), finished_fraction,
-        mean_length.
+        mean_length, precision (the model's arithmetic: `cfg.precision` on this device).
     """
     from collapse.tokenizer import special_ids
 
@@ -214,8 +215,12 @@ def sample_corpus(
         shards = _slot_shards(model, cfg, todo, sizes, seed, ends, device, bar)
     else:
         shards = _static_shards(model, cfg, todo, sizes, seed, ends, device, bar)
-    for index, ids, ended in shards:
-        write(index, ids, ended)
+    # autocast is per thread and the generator runs inside this block: evaluations that run
+    # beside sampling in other threads keep their own precision
+    amp = autocast_dtype(cfg.precision, device)
+    with autocast(device, amp):
+        for index, ids, ended in shards:
+            write(index, ids, ended)
     bar.close()
     progress_path.unlink(missing_ok=True)
     n = cfg.num_sequences
@@ -226,6 +231,7 @@ def sample_corpus(
         "tokens": counts["tokens"],
         "finished_fraction": counts["finished"] / n,
         "mean_length": counts["tokens"] / n,
+        "precision": str(amp or torch.float32).removeprefix("torch."),
     }
 
 

@@ -48,8 +48,12 @@ def story_file(tmp_path: Path) -> Path:
     return write_story_file(tmp_path / "stories.txt")
 
 
-# The defaults every run had before 2026-12-07 (model.implementation and sample.rng changed).
-EARLIER_DEFAULTS = ["model.implementation=transformers", "sample.rng=shard"]
+# The defaults every run had before 2026-12-07, when these three changed.
+EARLIER_DEFAULTS = [
+    "model.implementation=transformers",
+    "sample.rng=shard",
+    "sample.precision=fp32",
+]
 
 
 def mark_started(config: Config) -> None:

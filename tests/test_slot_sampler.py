@@ -125,3 +125,46 @@ def test_slot_sampling_follows_the_model_distribution(fast_model):
     ours = _pairs([tokens for _, tokens, _ in found])
     reference = build_model(FAST.model_copy(update={"implementation": "transformers"}), 50, 0, 0, 3)
     assert homogeneity_pvalue(ours, generate_pairs(reference.eval(), n, seed=12)) > 1e-3
+
+
+def test_under_bf16_autocast_a_story_still_does_not_depend_on_its_slot(fast_model):
+    """What `sample.precision: bf16` runs on a GPU (autocast around the decode loop), here on
+    the CPU: the cache holds bf16 keys and values, the logits are not fp32's, and a story is
+    the same in any pool."""
+    from collapse.models import implementation_of
+
+    impl = implementation_of(fast_model)
+    start = torch.zeros(2, 1, dtype=torch.long)
+    with torch.inference_mode():
+        exact, _ = impl.prefill(fast_model, start)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, state = impl.prefill(fast_model, start)
+            pools = [_stories(fast_model, 12, slots=slots, check_every=4) for slots in (1, 4, 12)]
+    assert state.keys[0].dtype == torch.bfloat16
+    assert not torch.equal(low.float(), exact.float())
+    assert pools[0] == pools[1] == pools[2]
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_the_cpu_samples_in_fp32_whatever_the_precision(tmp_path: Path, fast_model, precision):
+    """Mixed precision is a GPU setting (as for training): a CPU corpus is exact fp32."""
+    cpu = torch.device("cpu")
+    hashes = {}
+    for name in ("fp32", precision):
+        cfg = _cfg(num_sequences=6, shard_size=6, rng="story", max_new_tokens=20, precision=name)
+        stats = sample_corpus(
+            fast_model, _Tok(), cfg, tmp_path / name, seed=1, progress_key="k", device=cpu
+        )
+        assert stats["precision"] == "float32"
+        hashes[name] = sha256_file(tmp_path / name / shard_name(0))
+    assert hashes[precision] == hashes["fp32"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_auto_samples_under_bf16_autocast(tmp_path: Path):
+    cuda = torch.device("cuda")
+    model = build_model(FAST, 50, 0, 0, seed=3).eval().to(cuda)
+    cfg = _cfg(num_sequences=40, shard_size=20, rng="story", max_new_tokens=30, precision="auto")
+    stats = sample_corpus(model, _Tok(), cfg, tmp_path, seed=1, progress_key="k", device=cuda)
+    expected = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    assert stats["precision"] == expected and stats["sequences"] == 40

@@ -83,8 +83,9 @@ def test_an_added_key_at_its_neutral_value_changes_no_hash_and_another_value_doe
     assert "implementation" in without_neutral("model", {**model, "implementation": "fast"})
 
 
-# Today's defaults (model.implementation: fast, sample.rng: story) name new runs.
-TODAY_RUN_IDS = {"demo.yaml": "demo-cc0b101087", "paper-33m.yaml": "paper-33m-1f94bb6f8e"}
+# Today's defaults (model.implementation: fast, sample.rng: story, sample.precision: auto) name
+# new runs.
+TODAY_RUN_IDS = {"demo.yaml": "demo-817c005737", "paper-33m.yaml": "paper-33m-6236c66994"}
 
 
 @pytest.mark.parametrize("name", sorted(TODAY_RUN_IDS))
@@ -113,8 +114,9 @@ def test_a_run_started_under_the_earlier_defaults_resumes_as_it_was_started(tmp_
     assert (config.model.implementation, config.sample.rng) == ("transformers", "shard")
     assert note == (
         f"run {RUN_IDS['demo.yaml']} was started before today's defaults: it resumes as started "
-        "(model.implementation=transformers, sample.rng=shard); to use today's defaults "
-        "instead, set model.implementation=fast sample.rng=story"
+        "(model.implementation=transformers, sample.rng=shard, sample.precision=fp32); to use "
+        "today's defaults instead, set model.implementation=fast sample.rng=story "
+        "sample.precision=auto"
     )
     # A key set explicitly is what the user asked for: only the keys left unset are looked up.
     for explicit in ("sample.rng=story", "model.implementation=fast"):

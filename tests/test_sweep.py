@@ -138,8 +138,9 @@ def test_one_arm_started_under_the_earlier_defaults_puts_every_new_arm_under_the
     }
     assert sweep.notes == (
         "sweep demo: arms objective=mle,seed=2 were started before today's defaults: every arm "
-        "runs as started (model.implementation=transformers, sample.rng=shard); to use today's "
-        "defaults instead, set model.implementation=fast sample.rng=story",
+        "runs as started (model.implementation=transformers, sample.rng=shard, "
+        "sample.precision=fp32); to use today's defaults instead, set "
+        "model.implementation=fast sample.rng=story sample.precision=auto",
     )
 
 
