@@ -168,3 +168,11 @@ def test_on_a_gpu_auto_samples_under_bf16_autocast(tmp_path: Path):
     stats = sample_corpus(model, _Tok(), cfg, tmp_path, seed=1, progress_key="k", device=cuda)
     expected = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     assert stats["precision"] == expected and stats["sequences"] == 40
+    # the logits leave the head in fp32, not rounded to the autocast dtype
+    from collapse.models import implementation_of
+
+    start = torch.zeros(2, 1, dtype=torch.long, device=cuda)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, state = implementation_of(model).prefill(model, start)
+        logits, _ = implementation_of(model).decode(model, start[:, 0], state)
+    assert logits.dtype == torch.float32

@@ -268,6 +268,21 @@ def _new_state(
     return DecodeState(keys, values, local, positions, capacity, window, length, length)
 
 
+def next_token_logits(model: GPTNeoFast, hidden: torch.Tensor) -> torch.Tensor:
+    """The head's logits [rows, vocab] for the tokens to draw, from final hidden states.
+
+    Under CUDA autocast the head's GEMM runs in the autocast dtype with an fp32 result
+    (`torch.mm(..., out_dtype=torch.float32)`; cuBLAS accumulates in fp32 anyway), instead of
+    rounding the logits to bf16, whose spacing at a logit of 10 is 0.06: that would move every
+    token's probability by up to ~3%. Elsewhere (fp32, the CPU): the head as is.
+    """
+    if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
+        low = torch.get_autocast_dtype("cuda")
+        weight = model.lm_head.weight.to(low)
+        return torch.mm(hidden.to(low), weight.t(), out_dtype=torch.float32)
+    return model.lm_head(hidden)
+
+
 @torch.no_grad()
 def decode_step(
     model: GPTNeoFast, next_ids: torch.Tensor, state: DecodeState
@@ -305,7 +320,7 @@ def decode_step(
             y = attn.step(block.ln_1(x), ck, cv, rows, pos, read, global_visible)
         x = x + y
         x = x + block.mlp(block.ln_2(x))
-    logits = model.lm_head(tr.ln_f(x[:, 0]))
+    logits = next_token_logits(model, tr.ln_f(x[:, 0]))
     state.positions += 1
     state.span += 1
     return logits, state
@@ -469,7 +484,7 @@ class FastGPTNeo:
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
             hidden = model.hidden(input_ids, kv)
-            last = model.lm_head(hidden[:, -1])
+            last = next_token_logits(model, hidden[:, -1])
         return last, _new_state(model, kv, capacity)
 
     def decode(
