@@ -1,12 +1,13 @@
 """Defaults changed after runs existed: a run started under the earlier ones resumes as it was.
 
 `collapse.config.HASH_NEUTRAL` holds, for every key added after runs existed, the value all
-earlier runs had. Where a key's default is now another value (`model.implementation: fast` and
-`sample.rng: story` since 2026-12-07), a config that leaves the key unset names a new run folder
-(the key's value is part of the run hash), so re-running an old config would silently start
-over. Instead, when the run that the same config named under the earlier defaults exists and
-the new one does not, that run is the one meant: it resumes with the values it was started
-with, and the caller says so. Setting the key explicitly starts a run with the new value.
+earlier runs had. Where a key's default is now another value (`model.implementation: fast`,
+`sample.rng: story` and `sample.precision: auto` since 2026-12-07), a config that leaves the key
+unset names a new run folder (the key's value is part of the run hash), so re-running an old
+config would silently start over. Instead, when the run that the same config named under the
+earlier defaults exists and the new one does not, that run is the one meant: it resumes with
+the values it was started with, and the caller says so. Setting the key explicitly starts a
+run with the new value.
 """
 
 from __future__ import annotations
