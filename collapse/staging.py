@@ -58,7 +58,8 @@ class StagingCopy:
     in_use: bool
 
 
-def _size(folder: Path) -> int:
+def size_of(folder: Path) -> int:
+    """Bytes of the regular files under `folder` (0 when it does not exist)."""
     total = 0
     for path in folder.rglob("*"):
         try:
@@ -89,7 +90,7 @@ def staging_copies(base: Path) -> list[StagingCopy]:
     for marker in sorted(base.rglob(MARKER)):
         location = marker.read_text().strip() or "?"
         in_use = flocked(marker) is True
-        copies.append(StagingCopy(marker.parent, location, _size(marker.parent), in_use))
+        copies.append(StagingCopy(marker.parent, location, size_of(marker.parent), in_use))
     return copies
 
 

@@ -225,6 +225,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(text_table(result["table"], table_columns(config)))
     print(f"\nreport:    {result['report']}")
     print(f"artifacts: {where}   ({seconds:.1f} s)")
+    store = RunStore(config.run.artifact_root, run_id)
+    if store.remote is not None and store.run_dir.is_dir():
+        # Every stage is published: the copy only saves downloads if the run is extended here.
+        from collapse.staging import size_of
+        from collapse.store import format_bytes
+
+        size = format_bytes(size_of(store.run_dir))
+        print(f"staging:   {store.run_dir} ({size}; `collapse staging --clean` frees it)")
     return 0
 
 

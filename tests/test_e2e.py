@@ -689,6 +689,8 @@ def test_a_run_on_s3_killed_on_one_machine_resumes_on_another_and_equals_a_local
     resumed = collapse(home, "run", config, on_s3)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"{root.root}/{run_id}" in resumed.stdout
+    copy = RunStore(root.root, run_id).run_dir  # under machine-b's staging folder
+    assert re.search(rf"^staging: +{re.escape(str(copy))} \(\d", resumed.stdout, re.M)
     # mid-stage state saved on machine a (a checkpoint, a finished shard) resumed on machine b
     assert "resuming sampling" in resumed.stdout + resumed.stderr
     assert not [n for n in root.stored(store) if "train-state" in n or "_progress" in n]
