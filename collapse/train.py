@@ -158,7 +158,9 @@ def train_model(
     with deterministic_algorithms(cfg.deterministic):
         for step in range(start_step, steps):
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
+            # Summed on the device in float64 (exactly what summing `.item()`s did), so the host
+            # waits for the device once per optimizer step, not once per micro-batch.
+            summed = torch.zeros((), dtype=torch.float64, device=device)
             for micro in range(accum):
                 first = step * cfg.effective_batch + micro * cfg.batch_size
                 idx = order.blocks(first, cfg.batch_size)
@@ -166,13 +168,14 @@ def train_model(
                 with autocast(device, amp):
                     loss = training_loss(model, batch, cfg) / accum
                 scaler.scale(loss).backward()
-                step_loss += loss.item()
+                summed += loss.detach().double()
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            step_loss = float(summed)
             losses.append(step_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")
