@@ -12,7 +12,8 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 #   OUT=$OUT bash bench/gpu_check.sh
-# Expected on an H100/H200: about 7 minutes (most of it transformers' `generate` on sample-33m).
+# Expected on an H100/H200: about 8 minutes (most of it transformers' `generate` on sample-33m).
+# Steps run in order of importance: if the device call's time runs out, the last ones are lost.
 # The same steps shrunk to minutes on a CPU (to try the script before spending GPU time):
 #   GPU_CHECK_SMOKE=1 OUT=/tmp/gpu-check bash bench/gpu_check.sh
 set -u
@@ -39,6 +40,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     downstream=(--repeats 1 --steps 1 --lengths 16,64)
     run=(--generations 1 --stories 300)
     fp32=(--repeats 1 --cases sample-33m --stories 16 --sample-batch 8 --max-new-tokens 64)
+    compile=(--repeats 1 --cases train-demo)
 else
     device=cuda
     throughput=(--repeats 10)
@@ -46,6 +48,7 @@ else
     downstream=(--repeats 10)
     run=()
     fp32=(--repeats 1 --cases sample-33m)
+    compile=(--repeats 5 --cases train-33m)
 fi
 
 step environment 60 "$python" -c "
@@ -67,4 +70,7 @@ step run 240 "$python" bench/gpu_run.py --device "$device" "${run[@]}"
 # steps above matter more if time runs short)
 step sample-fp32 150 "$python" bench/throughput.py --device "$device" --sample-precision fp32 \
     "${fp32[@]}"
+# whether train.compile pays: the 33M training step with the trunk compiled (inductor), beside
+# eager (compile time is spent in the untimed warm-up)
+step compile 200 "$python" bench/throughput.py --device "$device" --compile "${compile[@]}"
 echo "done: $out" | tee -a "$log"

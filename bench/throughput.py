@@ -50,6 +50,7 @@ micro-batch per optimizer step (the run accumulates 4): the optimizer's share is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import time
@@ -61,7 +62,7 @@ import torch
 from collapse.config import ModelConfig
 from collapse.device import autocast, autocast_dtype, pick_device
 from collapse.models import implementation, implementation_of, resolve_model_fields
-from collapse.models.gpt_neo_fast import from_state_dict
+from collapse.models.gpt_neo_fast import compiled_trunk, from_state_dict
 from collapse.models.gpt_neo_hf import gpt_neo_config
 
 DEMO = ModelConfig(
@@ -192,13 +193,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _models(case: Case, device: torch.device) -> dict[str, torch.nn.Module]:
+COMPILED = "ours (fast, compiled)"
+
+
+def _models(case: Case, device: torch.device, compiled: bool) -> dict[str, torch.nn.Module]:
     fields = resolve_model_fields(case.model)
     reference = implementation("transformers").build(fields, case.vocab, 0, 0, seed=0)
     # separate copies of the same weights: each side's optimizer updates its own
-    state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
-    ours = from_state_dict(gpt_neo_config(fields, case.vocab, 0, 0), state)
-    return {"reference (transformers)": reference.to(device), "ours (fast)": ours.to(device)}
+    config = gpt_neo_config(fields, case.vocab, 0, 0)
+    models = {"reference (transformers)": reference, "ours (fast)": None, COMPILED: None}
+    for side in list(models)[1:] if compiled else list(models)[1:2]:
+        models[side] = from_state_dict(
+            config, {k: v.detach().clone() for k, v in reference.state_dict().items()}
+        )
+    return {side: model.to(device) for side, model in models.items() if model is not None}
 
 
 def _step_fn(
@@ -234,10 +242,30 @@ def _step_fn(
 
 
 def run_case(
-    name: str, case: Case, device: torch.device, repeats: int, hardware: Hardware | None
+    name: str,
+    case: Case,
+    device: torch.device,
+    repeats: int,
+    hardware: Hardware | None,
+    compiled: bool = False,
 ) -> dict[str, float]:
-    """Time both sides of one case; print them and the ratio; return tokens/s per side."""
-    models = _models(case, device)
+    """Time both sides of one case (and ours with its trunk compiled, `train.compile`, when
+    `compiled`); print them and the ratio; return tokens/s per side."""
+    with contextlib.ExitStack() as stack:
+        models = _models(case, device, compiled and case.train)
+        if COMPILED in models:  # compiled during the warm-up below, untimed
+            stack.enter_context(compiled_trunk(models[COMPILED]))
+        return _run_case(name, case, device, repeats, hardware, models)
+
+
+def _run_case(
+    name: str,
+    case: Case,
+    device: torch.device,
+    repeats: int,
+    hardware: Hardware | None,
+    models: dict[str, torch.nn.Module],
+) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, case.vocab, (case.batch, case.seq), generator=gen).to(device)
     steps = {side: _step_fn(model, case, batch, device) for side, model in models.items()}
@@ -265,6 +293,8 @@ def run_case(
         )
     ratio = best["reference (transformers)"] / best["ours (fast)"]
     print(f"  speed-up (ours / reference): {ratio:.2f}x")
+    if COMPILED in best:
+        print(f"  compiled trunk / eager: {best['ours (fast)'] / best[COMPILED]:.2f}x")
     del models, steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -472,6 +502,11 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="train cases: also time ours with its trunk compiled (train.compile; inductor)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default: torch's choice)"
     )
     args = parser.parse_args()
@@ -516,7 +551,7 @@ def main() -> None:
                     args.train_seq or case.seq,
                     train=True,
                 )
-            rates = run_case(name, case, device, args.repeats, hardware)
+            rates = run_case(name, case, device, args.repeats, hardware, args.compile)
             if case.train:
                 trained[name.removeprefix("train-")] = rates
     for model in trained.keys() & sampled.keys():

@@ -201,6 +201,12 @@ class TrainConfig(Section):
         description="Bitwise-repeatable GPU training: deterministic kernels and cuBLAS "
         "workspace (slower); CPU training is repeatable either way.",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the fast model's trunk (embeddings, blocks, final norm) while "
+        "training; the head and loss stay eager. Other kernels for the same function, so not "
+        "part of the run id: switch it on or off mid-run. Off until measured on a GPU.",
+    )
 
     @field_validator("betas")
     @classmethod
@@ -381,6 +387,8 @@ class Config(Section):
                 f"sample.max_new_tokens ({self.sample.max_new_tokens}) + the BOS token exceeds "
                 f"model.max_position_embeddings ({positions})"
             )
+        if self.train.compile and self.model.implementation != "fast":
+            problems.append("train.compile needs model.implementation: fast")
         for name in self.eval.metrics:
             check = registry()[name].check
             problems += check(self) if check else []
@@ -397,6 +405,7 @@ _HASH_EXCLUDED = {
     ("run", "artifact_root"),
     ("run", "run_id"),
     ("sample", "slots"),
+    ("train", "compile"),
 }
 _HASH_EXCLUDED_SECTIONS = {"orchestration", "eval"}
 

@@ -7,6 +7,7 @@ from its checkpoint produces the same weights as one that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -22,6 +23,9 @@ from collapse.faults import crash_point
 from collapse.objectives import training_loss
 from collapse.seeding import TORCH_RNG_LOCK, derive_seed
 from collapse.store import atomic_path
+
+# torch.compile's backend for `train.compile` (tests swap in a faster-to-compile one).
+COMPILE_BACKEND = "inductor"
 
 
 def make_blocks(stream: np.ndarray, seq_len: int) -> np.ndarray:
@@ -155,7 +159,12 @@ def train_model(
     started = time.perf_counter()
     bar = tqdm(total=steps, initial=start_step, disable=not progress, desc="train", unit="step")
     # Deterministic kernels only while training (other stages are not slowed down).
-    with deterministic_algorithms(cfg.deterministic):
+    trunk: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if cfg.compile:
+        from collapse.models.gpt_neo_fast import compiled_trunk
+
+        trunk = compiled_trunk(model, COMPILE_BACKEND)
+    with deterministic_algorithms(cfg.deterministic), trunk:
         for step in range(start_step, steps):
             optimizer.zero_grad(set_to_none=True)
             # Summed on the device in float64 (exactly what summing `.item()`s did), so the host

@@ -207,3 +207,9 @@ def test_orchestration_mode_and_pipeline_never_change_the_run(tiny_config_file: 
             tiny_config_file,
             ["orchestration.mode=local", "orchestration.generation_deployment=generation/gpu"],
         )
+
+
+def test_compiling_the_trunk_needs_the_fast_model(tiny_config_file: Path):
+    with pytest.raises(ConfigError, match="train.compile needs model.implementation: fast"):
+        load_config(tiny_config_file, ["train.compile=true", "model.implementation=transformers"])
+    assert load_config(tiny_config_file, ["train.compile=true"]).train.compile

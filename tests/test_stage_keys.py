@@ -152,13 +152,14 @@ def test_collapse_run_and_submit_say_they_resume_a_run_under_the_earlier_default
     assert said.startswith(f"run {RUN_IDS['demo.yaml']} was started before today's defaults")
 
 
-def test_the_sampling_pool_size_changes_no_run_id_and_no_key(tmp_path: Path):
+def test_performance_settings_change_no_run_id_and_no_key(tmp_path: Path):
     """sample.slots sizes the pool to the device: the corpus is the same (each story draws its
-    own randomness, tests/test_slot_sampler.py), so a run can change it and stay the same run."""
+    own randomness, tests/test_slot_sampler.py); train.compile runs other kernels for the same
+    function (tests/test_train.py). A run can change either and stay the same run."""
     ctx = _context("demo.yaml", tmp_path, ())
     keys = {f"{g}/{s}": stage_key(ctx, g, s) for g in (0, 1, 2) for s in stages_of(ctx, g)}
-    sized = _context("demo.yaml", tmp_path / "sized", ("sample.slots=1024",))
-    assert sized.config.sample.slots == 1024
+    sized = _context("demo.yaml", tmp_path / "sized", ("sample.slots=1024", "train.compile=true"))
+    assert sized.config.sample.slots == 1024 and sized.config.train.compile
     assert {
         f"{g}/{s}": stage_key(sized, g, s) for g in (0, 1, 2) for s in stages_of(sized, g)
     } == keys

@@ -181,3 +181,57 @@ def test_deterministic_gpu_training_is_bitwise_repeatable(tmp_path: Path):
         )
         runs.append({k: v.cpu() for k, v in model.state_dict().items()})
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_a_compiled_trunk_trains_the_same_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """train.compile: the trunk runs through torch.compile. The aot_eager backend traces the
+    forward and backward as inductor does without generating kernels, so the weights are
+    bitwise those of eager training (inductor's kernels round differently; their speed is
+    measured on a GPU by `bench/throughput.py --compile`)."""
+    from torch._dynamo import lookup_backend
+
+    import collapse.train
+
+    graphs = []
+
+    def aot_eager(graph, inputs):  # records that the trunk was compiled, then compiles it
+        graphs.append(graph)
+        return lookup_backend("aot_eager")(graph, inputs)
+
+    monkeypatch.setattr(collapse.train, "COMPILE_BACKEND", aot_eager)
+    cfg = TrainConfig(batch_size=4, effective_batch=8, seq_len=16, epochs=1, checkpoint_every=99)
+    trained = {}
+    for compiled in (False, True):
+        model = _model()
+        stats = train_model(
+            model,
+            _blocks(),
+            cfg.model_copy(update={"compile": compiled}),
+            data_seed=1,
+            device=CPU,
+            checkpoint_path=tmp_path / f"{compiled}.pt",
+            checkpoint_key="k",
+        )
+        assert "hidden" not in vars(model)  # the compiled function is gone after training
+        trained[compiled] = (stats["losses"], model.state_dict())
+    (eager_losses, eager), (losses, state) = trained[False], trained[True]
+    assert len(graphs) == 1  # one shape, one graph: the trunk ran compiled, and only it
+    assert losses == eager_losses
+    assert state.keys() == eager.keys() and all(torch.equal(state[k], eager[k]) for k in state)
+    reference = build_model(
+        ModelConfig(num_layers=2, hidden_size=32, num_heads=4, implementation="transformers"),
+        20,
+        0,
+        0,
+        0,
+    )
+    with pytest.raises(ValueError, match="train.compile needs model.implementation: fast"):
+        train_model(
+            reference,
+            _blocks(),
+            cfg.model_copy(update={"compile": True}),
+            data_seed=1,
+            device=CPU,
+            checkpoint_path=tmp_path / "reference.pt",
+            checkpoint_key="k",
+        )

@@ -23,7 +23,8 @@ how it computes:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,27 @@ def _new_state(
         local.append(is_local)
     positions = torch.full((batch,), length, dtype=torch.long, device=device)
     return DecodeState(keys, values, local, positions, capacity, window, length, length)
+
+
+@contextlib.contextmanager
+def compiled_trunk(model: torch.nn.Module, backend: str = "inductor") -> Iterator[None]:
+    """Run `model.hidden` (embeddings, blocks, final norm) through `torch.compile` inside.
+
+    The output head and the loss stay eager: they are one matmul and the chunked cross-entropy
+    (`collapse.models.loss`), which has its own backward. The module tree and its state dict
+    are untouched (the compiled function shadows the method on the instance, and is removed
+    on exit).
+
+    Raises:
+        ValueError: for a model of another implementation.
+    """
+    if not isinstance(model, GPTNeoFast):
+        raise ValueError("train.compile needs model.implementation: fast")
+    model.hidden = torch.compile(model.hidden, backend=backend)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del model.hidden
 
 
 def next_token_logits(model: GPTNeoFast, hidden: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ from collapse.context import Context, corpus_digest, corpus_shards, load_run_tok
 from collapse.regimes import REGIMES
 from collapse.stages.base import ChainStage
 
-# Settings that do not change the trained weights.
-OPERATIONAL = ("device", "checkpoint_every")
+# Settings that do not change the trained weights (compile: other kernels, the same function).
+OPERATIONAL = ("device", "checkpoint_every", "compile")
 
 # Facts about one training process, not about the model it made: the record's info keeps them,
 # train.json does not. train.json's hash is part of the train digest that every later stage's
