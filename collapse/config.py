@@ -199,7 +199,8 @@ class TrainConfig(Section):
     deterministic: bool = Field(
         False,
         description="Bitwise-repeatable GPU training: deterministic kernels and cuBLAS "
-        "workspace (slower); CPU training is repeatable either way.",
+        "workspace (slower); CPU training is repeatable either way. In-process runs then do not "
+        "overlap evaluations with training (the mode is process-wide).",
     )
     compile: bool = Field(
         False,

@@ -211,6 +211,19 @@ def freeze_config(ctx: Context) -> None:
     store.write_run_file(store.config_hash_path, (current + "\n").encode())
 
 
+def overlaps_evaluations(config: Any) -> bool:
+    """Whether generation n's evaluations run beside generation n+1's chain.
+
+    As `orchestration.pipeline` says, except when `train.deterministic` trains in this process
+    (no `generation_deployment`): torch's deterministic mode is process-wide, so evaluations in
+    other threads would run under it, slower, and fail in kernels without a deterministic
+    version (`index_copy_` on CUDA, which decoding the judge's completions uses).
+    """
+    orchestration = config.orchestration
+    in_process = not orchestration.generation_deployment
+    return orchestration.pipeline and not (config.train.deterministic and in_process)
+
+
 def table_columns(config: Any) -> list[Column]:
     """The per-generation table's value columns: those of the configured evaluations."""
     return [c for m in config.eval.metrics for c in evaluation(m).columns_for(config)]

@@ -56,6 +56,7 @@ from collapse.pipeline import (
     invalidate_from,
     metrics_table,
     needs_gpu,
+    overlaps_evaluations,
     run_stage,
     stage_entry,
     stage_key,
@@ -497,7 +498,12 @@ def experiment(
             )
             update_progress_artifact(progress_id, 100.0 * max(last, 0) / total)
 
-        if ctx.config.orchestration.pipeline:
+        if ctx.config.orchestration.pipeline and not overlaps_evaluations(ctx.config):
+            logger.info(
+                "train.deterministic: each generation's evaluations run after its chain, not "
+                "beside the next training (torch's deterministic mode is process-wide)"
+            )
+        if overlaps_evaluations(ctx.config):
             summaries = run_pipelined(ctx, config, run_id, publish)
         else:
             summaries = []

@@ -129,3 +129,23 @@ def test_changing_one_evaluation_setting_recomputes_only_that_evaluation(
     recomputed = sorted(k for k, r in records.items() if not r["reused"])
     assert recomputed == [(0, "eval.excerpts"), (1, "eval.excerpts"), (2, "eval.excerpts")]
     run_all(tiny_run)  # restore for the other tests
+
+
+@pytest.mark.parametrize(
+    ("overrides", "overlap"),
+    [
+        ([], True),
+        (["orchestration.pipeline=false"], False),
+        # deterministic mode is process-wide: no evaluation beside the training in this process
+        (["train.deterministic=true"], False),
+        # ... but the chain's jobs run in processes of their own on a deployment's workers
+        (["train.deterministic=true", "orchestration.generation_deployment=generation/gpu"], True),
+    ],
+)
+def test_evaluations_run_beside_training_unless_it_is_deterministic_here(
+    tiny_config_file: Path, overrides: list[str], overlap: bool
+):
+    from collapse.config import load_config
+    from collapse.pipeline import overlaps_evaluations
+
+    assert overlaps_evaluations(load_config(tiny_config_file, overrides)) is overlap
