@@ -217,7 +217,7 @@ def overlaps_evaluations(config: Any) -> bool:
     As `orchestration.pipeline` says, except when `train.deterministic` trains in this process
     (no `generation_deployment`): torch's deterministic mode is process-wide, so evaluations in
     other threads would run under it, slower, and fail in kernels without a deterministic
-    version (`index_copy_` on CUDA, which decoding the judge's completions uses).
+    version (`torch.cumsum` of floats on CUDA, which drawing the judge's completions uses).
     """
     orchestration = config.orchestration
     in_process = not orchestration.generation_deployment
