@@ -50,10 +50,28 @@ def open_run(run_dir: str | Path, log: Callable[[str], None] | None = None) -> C
     if saved is None:
         raise RunNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     try:
-        config = validate_config(yaml.safe_load(saved))
+        config = validate_config(with_earlier_values(yaml.safe_load(saved)))
     except (ConfigError, yaml.YAMLError) as exc:
         raise RunNotFoundError(f"{path} cannot be read: {exc}") from None
     return Context(config, store, log=log or (lambda _: None))
+
+
+def with_earlier_values(saved: Any) -> Any:
+    """A saved config with each key it lacks that was added since set to the value the run had.
+
+    A config.yaml holds every key that existed when the run was started. A key added later
+    (`collapse.config.HASH_NEUTRAL`) is missing from it, and the run had that key's neutral
+    value, which is not always today's default (`sample.precision`: fp32 then, auto now).
+    """
+    from collapse.config import HASH_NEUTRAL
+
+    if not isinstance(saved, dict):
+        return saved
+    for (section, key), earlier in HASH_NEUTRAL.items():
+        values = saved.get(section)
+        if isinstance(values, dict) and key not in values:
+            values[key] = earlier
+    return saved
 
 
 def stage_record(ctx: Context, gen: int, stage: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from collapse.config import config_hash, load_config, run_id_for
+from collapse.config import config_hash, config_to_dict, load_config, run_id_for
 from collapse.context import Context
 from collapse.pipeline import stage_key, stages_of
 from collapse.store import RunStore, atomic_write_json
@@ -164,3 +164,23 @@ def test_performance_settings_change_no_run_id_and_no_key(tmp_path: Path):
         f"{g}/{s}": stage_key(sized, g, s) for g in (0, 1, 2) for s in stages_of(sized, g)
     } == keys
     assert run_id_for(sized.config) == TODAY_RUN_IDS["demo.yaml"]
+
+
+def test_a_saved_config_from_before_a_key_existed_reads_as_the_run_had_it(tmp_path: Path):
+    """config.yaml of a run started before sample.precision existed lacks the key; read back
+    (status, report), the run has fp32, the value it sampled with, not today's default, and
+    the config hashes to the run's id again."""
+    import yaml
+
+    from collapse.context import open_run
+
+    root = f"run.artifact_root={tmp_path}"
+    earlier = load_config(REPO / "configs" / "demo.yaml", [root, *EARLIER])
+    mark_started(earlier)
+    store = RunStore(tmp_path, run_id_for(earlier))
+    saved = config_to_dict(earlier)
+    del saved["sample"]["precision"], saved["sample"]["slots"], saved["train"]["compile"]
+    store.config_path.write_text(yaml.safe_dump(saved))
+    ctx = open_run(store.run_dir)
+    assert ctx.config.sample.precision == "fp32"
+    assert run_id_for(ctx.config) == RUN_IDS["demo.yaml"]
