@@ -130,6 +130,23 @@ def test_a_reader_elsewhere_gets_exactly_the_published_folder(artifact_root: Roo
         assert (got / "weights").read_bytes() == b"w" * 100
 
 
+def test_a_temporary_left_by_a_killed_writer_is_no_output(artifact_root: Root):
+    """kill -9 during a shard's write leaves `atomic_path`'s temporary in the folder; the
+    resumed stage's record must be that of an uninterrupted one (same digest, nothing extra
+    published), and the leftover goes."""
+    store = artifact_root.store()
+    folder = store.corpus_dir(1)
+    atomic_write_bytes(folder / "part-00000.parquet", b"shard")
+    clean = store.record_stage(1, "sample", "k", [folder])
+    leftover = folder / ".part-00001.parquet.999999.0a1b2c3d.tmp"  # a dead process's pid
+    leftover.write_bytes(b"half a shard")
+    record = store.record_stage(1, "sample", "k", [folder])
+    assert record["digest"] == clean["digest"] and record["outputs"] == clean["outputs"]
+    assert not leftover.exists()
+    if artifact_root.kind != "path":
+        assert not [n for n in artifact_root.stored(store) if n.endswith(".tmp")]
+
+
 def test_an_interrupted_publish_leaves_no_valid_record(
     artifact_root: Root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
