@@ -400,7 +400,9 @@ class Config(Section):
 
 # Left out of the run hash, so the run (its folder) stays the same: extending `run.generations`,
 # moving the artifact root, orchestration, and the evaluations (adding one, or a judge, to a
-# finished run computes just that; each evaluation's stage key covers its own settings).
+# finished run computes just that; each evaluation's stage key covers its own settings). The
+# keys below are left out of the stage keys too (`without_neutral`): performance settings that
+# change no output (the sampling pool's size, compiled training) can change mid-run.
 _HASH_EXCLUDED = {
     ("run", "generations"),
     ("run", "artifact_root"),
@@ -564,8 +566,6 @@ def config_hash(config: Config) -> str:
     data = config_to_dict(config)
     for section in _HASH_EXCLUDED_SECTIONS:
         data.pop(section, None)
-    for section, key in _HASH_EXCLUDED:
-        data.get(section, {}).pop(key, None)
     for section in data:
         data[section] = without_neutral(section, data[section])
     return section_hash(data)
@@ -574,9 +574,9 @@ def config_hash(config: Config) -> str:
 def without_neutral(section: str, values: dict[str, Any]) -> dict[str, Any]:
     """A section's values without those that cannot change a result.
 
-    Those are the `HASH_NEUTRAL` keys holding their neutral value, and in `train` the settings
-    of the objectives and data regimes that are not chosen (`train.eta` does nothing under
-    `tailr`, `train.real_fraction` nothing under `replace`).
+    Those are the `_HASH_EXCLUDED` keys, the `HASH_NEUTRAL` keys holding their neutral value,
+    and in `train` the settings of the objectives and data regimes that are not chosen
+    (`train.eta` does nothing under `tailr`, `train.real_fraction` nothing under `replace`).
     """
     unused: set[str] = set()
     if section == "train":
@@ -586,6 +586,7 @@ def without_neutral(section: str, values: dict[str, Any]) -> dict[str, Any]:
         key: value
         for key, value in values.items()
         if key not in unused
+        and (section, key) not in _HASH_EXCLUDED
         and ((section, key) not in HASH_NEUTRAL or HASH_NEUTRAL[(section, key)] != value)
     }
 

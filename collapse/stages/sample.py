@@ -10,9 +10,9 @@ from collapse.config import without_neutral
 from collapse.context import Context, load_model, load_run_tokenizer, stage_record
 from collapse.stages.base import ChainStage
 
-# Settings that do not change the sampled corpus (the pool's slots: each story draws its own
-# randomness, `collapse.slot_sampler`).
-OPERATIONAL = ("device", "slots")
+# Settings that do not change the sampled corpus (the pool's size, `sample.slots`, is left out
+# of every hash by `without_neutral`).
+OPERATIONAL = ("device",)
 
 
 def _key(ctx: Context, gen: int) -> list[Any]:

@@ -16,8 +16,9 @@ from collapse.context import Context, corpus_digest, corpus_shards, load_run_tok
 from collapse.regimes import REGIMES
 from collapse.stages.base import ChainStage
 
-# Settings that do not change the trained weights (compile: other kernels, the same function).
-OPERATIONAL = ("device", "checkpoint_every", "compile")
+# Settings that do not change the trained weights (`train.compile` is left out of every hash
+# by `without_neutral`).
+OPERATIONAL = ("device", "checkpoint_every")
 
 # Facts about one training process, not about the model it made: the record's info keeps them,
 # train.json does not. train.json's hash is part of the train digest that every later stage's
