@@ -428,6 +428,22 @@ HASH_NEUTRAL: dict[tuple[str, str], Any] = {
 }
 
 
+def with_earlier_values(data: Any) -> Any:
+    """Config data with each `HASH_NEUTRAL` key it lacks set to its neutral value (in place).
+
+    That is the config as the runs from before the key existed had it, which is not always
+    today's default (`sample.precision`: fp32 then, auto now): a config.yaml saved then lacks
+    the key, and `collapse.started` reads a user's file this way when only such a run exists.
+    """
+    if not isinstance(data, dict):
+        return data
+    for (section, key), earlier in HASH_NEUTRAL.items():
+        values = data.setdefault(section, {})
+        if isinstance(values, dict):
+            values.setdefault(key, earlier)
+    return data
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Split `a.b.c=value` into (["a", "b", "c"], parsed YAML value)."""
     if "=" not in item:

@@ -42,7 +42,7 @@ def open_run(run_dir: str | Path, log: Callable[[str], None] | None = None) -> C
     """
     import yaml
 
-    from collapse.config import ConfigError, validate_config
+    from collapse.config import ConfigError, validate_config, with_earlier_values
 
     store = RunStore.at(run_dir)
     path = store.config_path
@@ -54,24 +54,6 @@ def open_run(run_dir: str | Path, log: Callable[[str], None] | None = None) -> C
     except (ConfigError, yaml.YAMLError) as exc:
         raise RunNotFoundError(f"{path} cannot be read: {exc}") from None
     return Context(config, store, log=log or (lambda _: None))
-
-
-def with_earlier_values(saved: Any) -> Any:
-    """A saved config with each key it lacks that was added since set to the value the run had.
-
-    A config.yaml holds every key that existed when the run was started. A key added later
-    (`collapse.config.HASH_NEUTRAL`) is missing from it, and the run had that key's neutral
-    value, which is not always today's default (`sample.precision`: fp32 then, auto now).
-    """
-    from collapse.config import HASH_NEUTRAL
-
-    if not isinstance(saved, dict):
-        return saved
-    for (section, key), earlier in HASH_NEUTRAL.items():
-        values = saved.get(section)
-        if isinstance(values, dict) and key not in values:
-            values[key] = earlier
-    return saved
 
 
 def stage_record(ctx: Context, gen: int, stage: str) -> dict[str, Any]:

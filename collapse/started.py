@@ -18,9 +18,9 @@ from collapse.config import (
     HASH_NEUTRAL,
     Config,
     config_hash,
-    config_to_dict,
     run_id_for,
     validate_config,
+    with_earlier_values,
 )
 from collapse.store import RunStore
 
@@ -40,14 +40,9 @@ def under_earlier_defaults(config: Config) -> Config | None:
 
     None when there is none (the config is the same under the earlier defaults).
     """
-    changed = unset_changed_defaults(config)
-    if not changed:
+    if not unset_changed_defaults(config):
         return None
-    data = config_to_dict(config)
-    for dotted, (earlier, _) in changed.items():
-        section, key = dotted.split(".")
-        data[section][key] = earlier
-    return validate_config(data)
+    return validate_config(with_earlier_values(config.model_dump(mode="json", exclude_unset=True)))
 
 
 def started_with(config: Config) -> bool:
