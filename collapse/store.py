@@ -193,13 +193,9 @@ def storage_full(
 
 
 # The temporary file `atomic_path` writes beside its target: `.<name>.<pid>.<8 hex>.tmp`.
+# Never a stage's output; one another process wrote is what a process killed mid-write left
+# (the run lock admits one process).
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
-
-
-def _stale_temporaries(files: list[Path]) -> list[Path]:
-    """The `atomic_path` temporaries among `files`: never a stage's output. One that another
-    process wrote is what a process killed mid-write left (the run lock admits one process)."""
-    return [f for f in files if _TEMPORARY.match(f.name)]
 
 
 @contextlib.contextmanager
@@ -522,13 +518,14 @@ class RunStore:
         sizes: dict[str, int] = {}
         for out in outputs:
             targets = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else [out]
-            # A write cut short by a kill -9 leaves its temporary in the folder: not an output
-            # (else a resumed stage's digest would differ from an uninterrupted one's).
-            for stale in _stale_temporaries(targets):
-                targets.remove(stale)
-                if _TEMPORARY.match(stale.name)[1] != str(os.getpid()):
-                    stale.unlink(missing_ok=True)
             for file in targets:
+                # A write cut short by a kill -9 leaves its temporary in the folder: not an
+                # output (else a resumed stage's digest would differ from an uninterrupted one's).
+                temporary = _TEMPORARY.match(file.name)
+                if temporary:
+                    if temporary[1] != str(os.getpid()):
+                        file.unlink(missing_ok=True)
+                    continue
                 rel = str(file.relative_to(self.run_dir))
                 files[rel] = self._hash_local(file)
                 sizes[rel] = file.stat().st_size

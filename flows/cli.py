@@ -183,11 +183,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from collapse.errors import UserError
     from collapse.pipeline import table_columns
-    from collapse.store import RunStore
+    from collapse.staging import size_of
+    from collapse.store import RunStore, format_bytes
     from collapse.table import text_table
     from flows.experiment import experiment
 
-    where = RunStore(config.run.artifact_root, run_id).location
+    store = RunStore(config.run.artifact_root, run_id)
+    where = store.location
     server = api_url if shared else f"ephemeral server {api_url}"
     print(f"run {run_id}: {where}  (Prefect: {server})")
     started = time.perf_counter()
@@ -225,12 +227,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(text_table(result["table"], table_columns(config)))
     print(f"\nreport:    {result['report']}")
     print(f"artifacts: {where}   ({seconds:.1f} s)")
-    store = RunStore(config.run.artifact_root, run_id)
     if store.remote is not None and store.run_dir.is_dir():
         # Every stage is published: the copy only saves downloads if the run is extended here.
-        from collapse.staging import size_of
-        from collapse.store import format_bytes
-
         size = format_bytes(size_of(store.run_dir))
         print(f"staging:   {store.run_dir} ({size}; `collapse staging --clean` frees it)")
     return 0

@@ -498,12 +498,13 @@ def experiment(
             )
             update_progress_artifact(progress_id, 100.0 * max(last, 0) / total)
 
-        if ctx.config.orchestration.pipeline and not overlaps_evaluations(ctx.config):
+        overlap = overlaps_evaluations(ctx.config)
+        if ctx.config.orchestration.pipeline and not overlap:
             logger.info(
                 "train.deterministic: each generation's evaluations run after its chain, not "
                 "beside the next training (torch's deterministic mode is process-wide)"
             )
-        if overlaps_evaluations(ctx.config):
+        if overlap:
             summaries = run_pipelined(ctx, config, run_id, publish)
         else:
             summaries = []
