@@ -29,6 +29,41 @@ def test_draw_tokens_samples_the_exact_distribution():
     assert torch.all((freq - probs[0].double()).abs() <= 5 * se + 1e-12)
 
 
+def _draw_by_full_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The one-level inverse CDF over the whole vocabulary, as the reference."""
+    cdf = probs.double().cumsum(dim=-1)
+    found = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)
+    return found.squeeze(1).clamp(max=probs.shape[1] - 1)
+
+
+def test_two_level_draw_matches_the_full_cdf_on_a_gpt_sized_vocabulary():
+    # 50257 tokens: 98 whole blocks and a short last one; peaked and flat distributions
+    generator = torch.Generator().manual_seed(0)
+    for sharpness in (1.0, 4.0, 12.0):
+        probs = torch.softmax(torch.randn(1024, 50257, generator=generator) * sharpness, -1)
+        u = torch.rand(1024, dtype=torch.float64, generator=generator)
+        assert torch.equal(draw_tokens(probs, u), _draw_by_full_cdf(probs, u))
+    # the extreme uniforms, and every target inside the short last block
+    probs = torch.softmax(torch.randn(4, 50257, generator=generator), -1)
+    probs[2] = 0.0
+    probs[2, 50256] = 1.0
+    u = torch.tensor([0.0, 1.0 - 2.0**-53, 0.5, 0.999999], dtype=torch.float64)
+    assert torch.equal(draw_tokens(probs, u), _draw_by_full_cdf(probs, u))
+    assert draw_tokens(probs, u)[2] == 50256
+
+
+def test_two_level_draw_never_takes_a_token_without_mass():
+    # top-k style rows: mass on a few scattered tokens, the rest exactly 0 (from -inf scores)
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.full((64, 20000), float("-inf"))
+    kept = torch.randint(0, 20000, (64, 3), generator=generator)
+    scores.scatter_(1, kept, torch.randn(64, 3, generator=generator))
+    probs = torch.softmax(scores, -1)
+    for u in (torch.zeros(64), torch.full((64,), 1.0 - 2.0**-53), torch.rand(64)):
+        drawn = draw_tokens(probs, u.double())
+        assert bool((probs.gather(1, drawn[:, None]) > 0).all())
+
+
 def test_first_token_follows_the_model_distribution(tiny_model):
     with torch.no_grad():
         probs = tiny_model(torch.zeros(1, 1, dtype=torch.long)).logits[0, -1].softmax(-1)
