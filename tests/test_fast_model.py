@@ -35,6 +35,7 @@ from collapse.models import (
     save_model,
 )
 from collapse.models.gpt_neo_fast import GPTNeoFast, from_state_dict
+from collapse.models.gpt_neo_fast import decode_attention as gpt_neo_fast_decode_attention
 from collapse.models.gpt_neo_hf import gpt_neo_config
 from collapse.sample import sample_batch
 
@@ -199,6 +200,83 @@ def test_a_reset_row_starts_a_new_sequence_while_the_others_continue():
     assert _close(ours(second[None])[0], torch.stack(row1))
     continued = torch.cat([first[0, :30], second[5:20]])
     assert _close(ours(continued[None])[0, 25:], torch.stack(row0))
+
+
+def _varlen_by_hand(q, keys, values, reads):
+    """What FlashAttention's variable-length kernel computes from the arguments `_flash_decode`
+    passes it: row r attends to the `used[r]` rows of the flattened cache from `starts[r]` on."""
+    batch, capacity, heads, head_dim = keys.shape
+    flat_k, flat_v = (t.reshape(batch * capacity, heads, head_dim) for t in (keys, values))
+    assert reads.starts.tolist() == [r * capacity for r in range(batch + 1)]
+    assert reads.used.dtype == torch.int32 and int(reads.used.max()) <= reads.read
+    out = []
+    for r in range(batch):
+        start, used = int(reads.starts[r]), int(reads.used[r])
+        k, v = flat_k[start : start + used].transpose(0, 1), flat_v[start : start + used]
+        weights = torch.softmax(q[r, :, None, :] @ k.transpose(1, 2), dim=-1)  # scale 1
+        out.append((weights @ v.transpose(0, 1))[:, 0])
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def test_the_flash_decode_path_reads_each_rows_own_positions(monkeypatch):
+    # The CUDA kernel cannot run here; its arguments can. With the kernel replaced by what it
+    # computes, the flash path (per-row lengths into the slot-major cache, ring included) gives
+    # the masked SDPA path's logits, through a wrap of the window and a reset row.
+    from collapse.models import gpt_neo_fast
+
+    _, ours = _pair(WINDOWED)
+    monkeypatch.setattr(gpt_neo_fast, "_flash_decode", _varlen_by_hand)
+    ids = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(9))
+    runs = []
+    for how in ("sdpa", "flash"):
+        last, state = FAST.prefill(ours, ids[:, :2], capacity=48, attention="sdpa")
+        state.attention = how
+        steps = [last]
+        for t in range(2, 40):
+            if t == 20:
+                state.reset(torch.tensor([2]))
+            last, state = FAST.decode(ours, ids[:, t], state)
+            steps.append(last)
+        runs.append(torch.stack(steps, 1))
+    assert _close(runs[0], runs[1])
+
+
+def test_decode_attention_says_why_it_uses_sdpa():
+    _, ours = _pair(WINDOWED)
+    cpu = torch.device("cpu")
+    assert gpt_neo_fast_decode_attention(ours, cpu, torch.bfloat16) == (
+        "sdpa",
+        "cpu device (flash needs CUDA)",
+    )
+    _, state = FAST.prefill(ours, torch.zeros(2, 1, dtype=torch.long))
+    assert (state.attention, state.attention_note) == ("sdpa", "cpu device (flash needs CUDA)")
+    with pytest.raises(ValueError, match="auto | sdpa"):
+        FAST.prefill(ours, torch.zeros(2, 1, dtype=torch.long), attention="fastest")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_flash_and_sdpa_decoding_agree_on_cuda():
+    # the 33M trunk's head size (48) under bf16 autocast: the path `sample.precision: auto` takes
+    cuda = torch.device("cuda")
+    _, ours = _pair(dict(preset="tinystories-33m", window_size=8), vocab=512, sharpen=False)
+    ours = ours.to(cuda)
+    ids = torch.randint(0, 512, (6, 40), generator=torch.Generator().manual_seed(10)).to(cuda)
+    runs = []
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for how in ("auto", "sdpa"):
+            last, state = FAST.prefill(ours, ids[:, :1], capacity=48, attention=how)
+            assert state.attention == ("flash" if how == "auto" else "sdpa"), state.attention_note
+            steps = [last]
+            for t in range(1, 40):
+                if t == 20:
+                    state.reset(torch.tensor([1, 4], device=cuda))
+                last, state = FAST.decode(ours, ids[:, t], state)
+                steps.append(last)
+            runs.append(torch.stack(steps, 1).float())
+    # both in bf16, through different kernels: bf16 rounding (2^-8) of the output's scale
+    assert _close(runs[1], runs[0], rtol=2e-2)
 
 
 @torch.no_grad()

@@ -18,7 +18,9 @@ how it computes:
   precise as the reference there; outputs are in the low dtype in both.
 - Decoding keeps a preallocated KV cache (`DecodeState`): a full-length cache for global layers
   and a ring buffer of `window` slots for local layers, with a position counter per row so that
-  rows can be restarted independently (continuous batching).
+  rows can be restarted independently (continuous batching). On CUDA with a bf16/fp16 cache a
+  decode step attends with FlashAttention-2's variable-length kernel, which reads each row's
+  own positions only; elsewhere with SDPA over the longest row's, masked per row.
 """
 
 from __future__ import annotations
@@ -95,17 +97,68 @@ class _SelfAttention(nn.Module):
         values: torch.Tensor,
         rows: torch.Tensor,
         slots: torch.Tensor,
-        read: int,
-        visible: torch.Tensor,
+        reads: _Reads,
     ) -> torch.Tensor:
-        """One token per row: write its k/v at `slots`, attend over the first `read` slots."""
+        """One token per row: write its k/v at `slots`, attend over what `reads` lets it see.
+
+        `keys`/`values` are [batch, slots, heads, head_dim] (see `DecodeState`).
+        """
         q, k, v = self._heads(x)
-        keys[rows, :, slots] = k[:, :, 0].to(keys.dtype)
-        values[rows, :, slots] = v[:, :, 0].to(values.dtype)
-        y = F.scaled_dot_product_attention(
-            q, keys[:, :, :read], values[:, :, :read], attn_mask=visible, scale=1.0
-        )
+        keys[rows, slots] = k[:, :, 0].to(keys.dtype)
+        values[rows, slots] = v[:, :, 0].to(values.dtype)
+        if reads.used is not None:
+            y = _flash_decode(q[:, :, 0].to(keys.dtype), keys, values, reads)[:, :, None]
+        else:
+            view = (keys[:, : reads.read].transpose(1, 2), values[:, : reads.read].transpose(1, 2))
+            y = F.scaled_dot_product_attention(q, *view, attn_mask=reads.visible, scale=1.0)
         return self._merge(y)
+
+
+@dataclass
+class _Reads:
+    """Which cache slots each row reads in one decode step, for one kind of layer.
+
+    SDPA: every row reads the first `read` slots, masked by `visible` [batch, 1, 1, read].
+    Flash: row r reads its own first `used[r]` slots only (int32 [batch]); `starts` is
+    r * (the layer's slots per row), int32 [batch + 1], where row r's cache begins in the
+    cache viewed as [batch * slots, heads, head_dim]; `read` is then the longest `used`.
+    """
+
+    read: int
+    visible: torch.Tensor | None = None
+    used: torch.Tensor | None = None
+    starts: torch.Tensor | None = None
+
+
+def _flash_decode(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, reads: _Reads
+) -> torch.Tensor:
+    """Attention of one query per row [batch, heads, head_dim] over that row's own first
+    `reads.used[r]` cache slots, by FlashAttention-2's variable-length kernel.
+
+    A masked SDPA call reads every row's cache up to the furthest row's position (~600 slots
+    once a pool of stories is running) while a row holds on average a few hundred fewer; this
+    reads each row's own. Called through the private `aten._flash_attention_forward`
+    because the public `torch.nn.attention.varlen.varlen_attn` gained `seqused_k` only in
+    torch 2.13; `decode_attention` checks that the call works before a state uses it.
+    """
+    batch, capacity, heads, head_dim = keys.shape
+    queries = torch.arange(batch + 1, dtype=torch.int32, device=q.device)  # one per row
+    out = torch.ops.aten._flash_attention_forward(
+        q,
+        keys.view(batch * capacity, heads, head_dim),
+        values.view(batch * capacity, heads, head_dim),
+        queries,
+        reads.starts,
+        1,
+        reads.read,
+        0.0,
+        False,
+        False,
+        scale=1.0,
+        seqused_k=reads.used,
+    )[0]
+    return out.view(batch, heads, head_dim)
 
 
 class _MLP(nn.Module):
@@ -199,12 +252,13 @@ class GPTNeoFast(nn.Module):
 class DecodeState:
     """The KV cache of a batch being decoded, one independent sequence per row (slot).
 
-    `keys[i]`/`values[i]` are layer i's cache [batch, heads, slots, head_dim]: `capacity` slots
-    for a global layer (position p lives in slot p), `min(window, capacity)` for a local one, a
-    ring buffer (position p lives in slot p % window, so the slots hold exactly the window).
-    `positions[r]` is the position of the next token row r reads (= tokens it has read). A slot
-    is read only while it holds a position <= the reading row's, so stale entries left by a
-    row's earlier sequence are never seen. The tensors are updated in place by `decode`.
+    `keys[i]`/`values[i]` are layer i's cache [batch, slots, heads, head_dim] (slot-major, so a
+    row's cache is one contiguous run, as the flash kernel reads it): `capacity` slots for a
+    global layer (position p lives in slot p), `min(window, capacity)` for a local one, a ring
+    buffer (position p lives in slot p % window, so the slots hold exactly the window).
+    `positions[r]` is the position of the next token row r reads (= tokens it has read). A row
+    reads only slots holding one of its own positions <= its current one, so stale entries left
+    by a row's earlier sequence are never seen. The tensors are updated in place by `decode`.
 
     For continuous batching: `reset(rows)` starts those rows over (their next token, typically
     BOS, is read at position 0) while the other rows continue; a row must be reset or dropped
@@ -224,9 +278,13 @@ class DecodeState:
     zeroed: int
     """Global-cache slots [0, zeroed) hold finite values (written or zeroed). The cache is
     allocated with `torch.empty` (on the CPU, pages of a large allocation that are never touched
-    are never committed: a 600-token sample does not pay for 2048 positions); each slot is
-    zeroed just before it is first read, because garbage NaNs would leak through the masked
-    attention (0 * NaN)."""
+    are never committed: a 600-token sample does not pay for 2048 positions); under SDPA each
+    slot is zeroed just before it is first read, because garbage NaNs would leak through the
+    masked attention (0 * NaN). The flash kernel never reads a slot the row has not written."""
+    attention: str = "sdpa"
+    """`flash` or `sdpa`: how decode steps attend (`decode_attention`)."""
+    attention_note: str = ""
+    """Why `sdpa` where flash was not used (empty otherwise)."""
 
     def reset(self, rows: torch.Tensor) -> None:
         """Start `rows` (indices or a bool mask over the batch) over as new sequences.
@@ -238,35 +296,75 @@ class DecodeState:
         self.span = int(self.positions.max())
 
 
+def decode_attention(
+    model: GPTNeoFast, device: torch.device, dtype: torch.dtype
+) -> tuple[str, str]:
+    """How decode steps attend for a cache of `dtype` on `device`: ("flash", "") where
+    FlashAttention-2's variable-length kernel runs (a CUDA device, a bf16/fp16 cache, a head
+    size that is a multiple of 8 up to 256, checked by one tiny call), else ("sdpa", why).
+    """
+    heads = model.config.num_heads
+    head_dim = model.config.hidden_size // heads
+    if device.type != "cuda":
+        return "sdpa", f"{device.type} device (flash needs CUDA)"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa", f"{str(dtype).removeprefix('torch.')} cache (flash takes bf16 or fp16)"
+    if head_dim % 8 or head_dim > 256:
+        return "sdpa", f"head size {head_dim} (flash takes multiples of 8 up to 256)"
+    keys = torch.zeros(1, 2, heads, head_dim, dtype=dtype, device=device)
+    q = torch.ones(1, heads, head_dim, dtype=dtype, device=device)
+    reads = _Reads(
+        read=1,
+        used=torch.ones(1, dtype=torch.int32, device=device),
+        starts=torch.tensor([0, 2], dtype=torch.int32, device=device),
+    )
+    try:
+        _flash_decode(q, keys, keys, reads)
+    except (RuntimeError, TypeError, NotImplementedError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return "sdpa", f"flash varlen unavailable: {type(error).__name__}: {first}"
+    return "flash", ""
+
+
 def _new_state(
     model: GPTNeoFast,
     kv: list[tuple[torch.Tensor, torch.Tensor]],
     capacity: int,
+    attention: str = "auto",
 ) -> DecodeState:
-    """A cache holding the prompt's keys and values (every row read the same `length` tokens)."""
+    """A cache holding the prompt's keys and values (every row read the same `length` tokens).
+
+    `attention`: `auto` (flash where `decode_attention` allows, else SDPA) or `sdpa`.
+    """
     batch, heads, length, head_dim = kv[0][0].shape
     device = kv[0][0].device
     window = min(model.window, capacity)
     keys, values, local = [], [], []
     for block, (k, v) in zip(model.transformer.h, kv, strict=True):
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [batch, length, heads, head_dim]
         is_local = block.attn.attention.local
         if is_local:
-            shape = (batch, heads, window, head_dim)
+            shape = (batch, window, heads, head_dim)
             ck, cv = k.new_zeros(shape), v.new_zeros(shape)
             first = max(0, length - window)  # older positions have left the window
             slots = torch.arange(first, length, device=device) % window
-            ck.index_copy_(2, slots, k[:, :, first:])
-            cv.index_copy_(2, slots, v[:, :, first:])
+            ck.index_copy_(1, slots, k[:, first:])
+            cv.index_copy_(1, slots, v[:, first:])
         else:
-            shape = (batch, heads, capacity, head_dim)
+            shape = (batch, capacity, heads, head_dim)
             ck, cv = k.new_empty(shape), v.new_empty(shape)
-            ck[:, :, :length] = k
-            cv[:, :, :length] = v
+            ck[:, :length] = k
+            cv[:, :length] = v
         keys.append(ck)
         values.append(cv)
         local.append(is_local)
     positions = torch.full((batch,), length, dtype=torch.long, device=device)
-    return DecodeState(keys, values, local, positions, capacity, window, length, length)
+    how, note = "sdpa", "decode attention: sdpa asked for"
+    if attention == "auto":
+        how, note = decode_attention(model, device, keys[0].dtype)
+    elif attention != "sdpa":
+        raise ValueError(f"decode attention {attention!r}: auto | sdpa")
+    return DecodeState(keys, values, local, positions, capacity, window, length, length, how, note)
 
 
 @contextlib.contextmanager
@@ -319,17 +417,25 @@ def decode_step(
             f"decoding past the cache capacity ({state.capacity} positions): reset or drop rows"
         )
     pos = state.positions
-    rows = torch.arange(pos.shape[0], device=pos.device)
+    batch = pos.shape[0]
+    rows = torch.arange(batch, device=pos.device)
     read = state.span + 1  # global slots that may be visible to some row
-    if read > state.zeroed:
-        for is_local, ck, cv in zip(state.local, state.keys, state.values, strict=True):
-            if not is_local:
-                ck[:, :, state.zeroed : read] = 0
-                cv[:, :, state.zeroed : read] = 0
-        state.zeroed = read
-    global_visible = (torch.arange(read, device=pos.device) <= pos[:, None])[:, None, None, :]
     ring = min(state.window, read)  # ring slots beyond `read` were never written in any row
-    local_visible = (torch.arange(ring, device=pos.device) <= pos[:, None])[:, None, None, :]
+    if state.attention == "flash":
+        starts = torch.arange(batch + 1, dtype=torch.int32, device=pos.device)
+        seen = (pos + 1).to(torch.int32)
+        global_reads = _Reads(read, used=seen, starts=starts * state.capacity)
+        local_reads = _Reads(ring, used=seen.clamp(max=state.window), starts=starts * state.window)
+    else:
+        if read > state.zeroed:
+            for is_local, ck, cv in zip(state.local, state.keys, state.values, strict=True):
+                if not is_local:
+                    ck[:, state.zeroed : read] = 0
+                    cv[:, state.zeroed : read] = 0
+            state.zeroed = read
+        seen_slots = torch.arange(read, device=pos.device) <= pos[:, None]
+        global_reads = _Reads(read, visible=seen_slots[:, None, None, :])
+        local_reads = _Reads(ring, visible=seen_slots[:, None, None, :ring])
     local_slots = pos % state.window
 
     tr = model.transformer
@@ -337,9 +443,9 @@ def decode_step(
     for block, is_local, ck, cv in zip(tr.h, state.local, state.keys, state.values, strict=True):
         attn = block.attn.attention
         if is_local:
-            y = attn.step(block.ln_1(x), ck, cv, rows, local_slots, ring, local_visible)
+            y = attn.step(block.ln_1(x), ck, cv, rows, local_slots, local_reads)
         else:
-            y = attn.step(block.ln_1(x), ck, cv, rows, pos, read, global_visible)
+            y = attn.step(block.ln_1(x), ck, cv, rows, pos, global_reads)
         x = x + y
         x = x + block.mlp(block.ln_2(x))
     logits = next_token_logits(model, tr.ln_f(x[:, 0]))
@@ -484,7 +590,11 @@ class FastGPTNeo:
         return model.hidden(input_ids)
 
     def prefill(
-        self, model: GPTNeoFast, input_ids: torch.Tensor, capacity: int | None = None
+        self,
+        model: GPTNeoFast,
+        input_ids: torch.Tensor,
+        capacity: int | None = None,
+        attention: str = "auto",
     ) -> tuple[torch.Tensor, DecodeState]:
         """See `collapse.models.ModelImplementation`.
 
@@ -493,6 +603,9 @@ class FastGPTNeo:
             input_ids: [batch, seq] prompts of equal length (no padding).
             capacity: positions the cache holds per row (default: the model's context length;
                 less saves memory when the caller knows its longest sequence).
+            attention: how decode steps attend: `auto` (FlashAttention's variable-length
+                kernel where `decode_attention` finds it usable, else SDPA) or `sdpa`
+                (benchmarks compare the two).
 
         Returns:
             The last position's logits [batch, vocab] and a `DecodeState`.
@@ -507,7 +620,7 @@ class FastGPTNeo:
         with torch.no_grad():
             hidden = model.hidden(input_ids, kv)
             last = next_token_logits(model, hidden[:, -1])
-        return last, _new_state(model, kv, capacity)
+        return last, _new_state(model, kv, capacity, attention)
 
     def decode(
         self, model: GPTNeoFast, next_ids: torch.Tensor, state: DecodeState
