@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 
 from collapse.config import ModelConfig
-from collapse.device import autocast, autocast_dtype, pick_device
+from collapse.device import arithmetic_name, autocast, autocast_dtype, pick_device
 from collapse.models import implementation, resolve_model_fields
 from collapse.models.gpt_neo_fast import DecodeState, GPTNeoFast
 from collapse.sample import draw_tokens, story_uniforms
@@ -188,10 +188,7 @@ def main() -> None:
     fields = resolve_model_fields(ModelConfig(preset=args.preset))
     eos = args.vocab - 1
     model = implementation("fast").build(fields, args.vocab, eos, eos, seed=0).to(device).eval()
-    print(
-        f"{args.preset}, vocab {args.vocab}, "
-        f"{str(amp or torch.float32).removeprefix('torch.')}, {device}"
-    )
+    print(f"{args.preset}, vocab {args.vocab}, {arithmetic_name(amp)}, {device}")
     with torch.inference_mode(), autocast(device, amp):
         for i, slots in enumerate(args.slots):
             time_step(model, slots, args, device, profile=args.profile and i == 0)

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from collapse.config import ModelConfig
-from collapse.device import autocast, autocast_dtype, pick_device
+from collapse.device import arithmetic_name, autocast, autocast_dtype, pick_device
 from collapse.models import implementation, implementation_of, resolve_model_fields
 from collapse.models.gpt_neo_fast import compiled_trunk, from_state_dict
 from collapse.models.gpt_neo_hf import gpt_neo_config
@@ -429,7 +429,7 @@ def run_sampling(
     timed("ours (slots)", lambda: slots(n, cap))
     print(
         f"{name}: {n} stories, batch/slots {batch}, max_new_tokens {cap}, vocab {vocab}, "
-        f"{str(amp or torch.float32).removeprefix('torch.')}"
+        f"{arithmetic_name(amp)}"
     )
     rates = {}
     for side, (seconds, lengths) in results.items():

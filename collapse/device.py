@@ -35,6 +35,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def arithmetic_name(dtype: torch.dtype | None) -> str:
+    """How records and benchmarks name an arithmetic: `float32` for None (plain fp32, as
+    `autocast_dtype` returns it), else the dtype's name (`bfloat16`, `float16`)."""
+    return str(dtype or torch.float32).removeprefix("torch.")
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast context for `dtype`, or a no-op for fp32."""
     if dtype is None:

@@ -26,7 +26,7 @@ from transformers.generation.logits_process import (
 )
 
 from collapse.corpus.parquet import shard_name, write_shard
-from collapse.device import autocast, autocast_dtype
+from collapse.device import arithmetic_name, autocast, autocast_dtype
 from collapse.faults import crash_point
 from collapse.models import implementation_of
 from collapse.seeding import derive_seed, seeded_torch
@@ -274,7 +274,7 @@ def sample_corpus(
         "tokens": counts["tokens"],
         "finished_fraction": counts["finished"] / n,
         "mean_length": counts["tokens"] / n,
-        "precision": str(amp or torch.float32).removeprefix("torch."),
+        "precision": arithmetic_name(amp),
     }
 
 

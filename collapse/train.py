@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from collapse.device import autocast, autocast_dtype, deterministic_algorithms
+from collapse.device import arithmetic_name, autocast, autocast_dtype, deterministic_algorithms
 from collapse.faults import crash_point
 from collapse.objectives import training_loss
 from collapse.seeding import TORCH_RNG_LOCK, derive_seed
@@ -227,6 +227,6 @@ def train_model(
         "resumed_from_step": start_step,
         "seconds": seconds,
         "tokens_per_second": trained_tokens / run_seconds if run_seconds > 0 else None,
-        "precision": str(amp).removeprefix("torch.") if amp else "fp32",
+        "precision": arithmetic_name(amp),
         "device": str(device),
     }

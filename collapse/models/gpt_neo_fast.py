@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GenerationConfig, GPTNeoConfig
 
+from collapse.device import arithmetic_name
 from collapse.models.gpt_neo_hf import gpt_neo_config, init_model
 
 # Buffers older transformers versions wrote into GPT-Neo checkpoints; they are masks, not weights.
@@ -310,7 +311,7 @@ def decode_attention(
     if device.type != "cuda":
         return "sdpa", f"{device.type} device (flash needs CUDA)"
     if dtype not in (torch.bfloat16, torch.float16):
-        return "sdpa", f"{str(dtype).removeprefix('torch.')} cache (flash takes bf16 or fp16)"
+        return "sdpa", f"{arithmetic_name(dtype)} cache (flash takes bf16 or fp16)"
     if head_dim % 8 or head_dim > 256:
         return "sdpa", f"head size {head_dim} (flash takes multiples of 8 up to 256)"
     keys = torch.zeros(1, 2, heads, head_dim, dtype=dtype, device=device)
