@@ -12,7 +12,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 #   OUT=$OUT bash bench/gpu_check.sh
-# Expected on an H100/H200: about 9 minutes (most of it transformers' `generate` on sample-33m).
+# Expected on an H100/H200: about 10 minutes (most of it transformers' `generate` on sample-33m).
 # Steps run in order of importance: if the device call's time runs out, the last ones are lost.
 # The same steps shrunk to minutes on a CPU (to try the script before spending GPU time):
 #   GPU_CHECK_SMOKE=1 OUT=/tmp/gpu-check bash bench/gpu_check.sh
@@ -42,6 +42,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     fp32=(--repeats 1 --cases sample-33m --stories 16 --sample-batch 8 --max-new-tokens 64)
     compile=(--repeats 1 --cases train-demo)
     decode=(--vocab 2048 --slots 32 16 --steps 2 --repeats 1 --max-new-tokens 64)
+    graphs=(--repeats 1 --cases sample-33m --stories 16 --sample-batch 8 --max-new-tokens 64)
 else
     device=cuda
     throughput=(--repeats 10)
@@ -51,6 +52,7 @@ else
     fp32=(--repeats 1 --cases sample-33m)
     compile=(--repeats 5 --cases train-33m)
     decode=(--profile)
+    graphs=(--repeats 1 --cases sample-33m --stories 4096)
 fi
 
 step environment 60 "$python" -c "
@@ -59,12 +61,16 @@ print('torch', torch.__version__, 'transformers', transformers.__version__)
 print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')
 "
 command -v nvidia-smi >/dev/null && step nvidia-smi 30 nvidia-smi
-# #7: one sampling step of a steady 33M pool (1024 and 4096 slots) taken apart (model step with flash varlen vs masked
-# SDPA attention, the two-level vs full-CDF draw, the uniforms), plus the top CUDA kernels
+# #7: one sampling step of a steady 33M pool (1024 and 4096 slots) taken apart: model step
+# with flash varlen vs masked SDPA attention, two-level vs full-CDF draw, uniforms; top kernels
 step decode-step 120 "$python" bench/decode_step.py --device "$device" "${decode[@]}"
 # #7: training step and sampling, ours vs transformers, with MFU, bandwidth floor, peak memory
 # and the projection of a 40-generation 33M run
 step throughput 330 "$python" bench/throughput.py --device "$device" "${throughput[@]}"
+# #7: whether sample.cuda_graphs works and pays: the 33M sampling race with our slots also
+# replaying CUDA graphs (a step of its own: a failed replay must not cost the figures above)
+step sample-graphs 150 "$python" bench/throughput.py --device "$device" --cuda-graphs \
+    "${graphs[@]}"
 # #7 item 4: is deterministic GPU training bitwise repeatable, and at what cost
 step determinism 150 "$python" bench/determinism.py --device "$device" "${determinism[@]}"
 # #8: one paper-scale fine-tuning pass of the 8 tasks, projected from step times

@@ -194,6 +194,7 @@ def _sync(device: torch.device) -> None:
 
 
 COMPILED = "ours (fast, compiled)"
+GRAPHED = "ours (slots, CUDA graphs)"
 
 
 def _models(case: Case, device: torch.device, compiled: bool) -> dict[str, torch.nn.Module]:
@@ -357,9 +358,11 @@ def run_sampling(
     device: torch.device,
     hardware: Hardware | None,
     amp: torch.dtype | None = None,
+    cuda_graphs: bool = False,
 ) -> dict[str, float]:
-    """Useful tokens/s of `generate` (static batches) vs our slots; prints them and the ratio,
-    and returns them with the mean story length ("mean length")."""
+    """Useful tokens/s of `generate` (static batches) vs our slots (and, with `cuda_graphs`,
+    our slots replaying CUDA graphs); prints them and the ratio, and returns them with the
+    mean story length ("mean length")."""
     from transformers import LogitsProcessorList
 
     from collapse.slot_sampler import sample_stories
@@ -407,7 +410,10 @@ def run_sampling(
                 lengths.append(row.index(eos) + 1 if eos in row else len(row))
         return lengths
 
-    def slots(count: int, new_tokens: int) -> list[int]:
+    reports: dict[str, dict[str, str]] = {}
+
+    def slots(count: int, new_tokens: int, graphs: bool = False) -> list[int]:
+        report = reports.setdefault(GRAPHED if graphs else "ours (slots)", {})
         stories = sample_stories(
             ours,
             list(range(count)),
@@ -418,6 +424,8 @@ def run_sampling(
             slots=batch,
             warp=lambda scores: bias(None, scores),
             device=device,
+            cuda_graphs=graphs,
+            report=report,
         )
         return [len(tokens) + ended for _, tokens, ended in stories]
 
@@ -427,6 +435,8 @@ def run_sampling(
             slots(batch, 8)
     timed("reference (generate)", lambda: generate(n, cap))
     timed("ours (slots)", lambda: slots(n, cap))
+    if cuda_graphs:
+        timed(GRAPHED, lambda: slots(n, cap, graphs=True))
     print(
         f"{name}: {n} stories, batch/slots {batch}, max_new_tokens {cap}, vocab {vocab}, "
         f"{arithmetic_name(amp)}"
@@ -439,8 +449,12 @@ def run_sampling(
             f"  {side:26s} {seconds:8.2f} s  {rates[side]:>12,.0f} useful tokens/s  "
             f"(mean length {useful / len(lengths):.0f}, max {max(lengths)}){_gib(peaks[side])}"
         )
+    for side, report in reports.items():
+        print(f"  {side}: attention {report['attention']}, CUDA graphs {report['cuda_graphs']}")
     ratio = rates["ours (slots)"] / rates["reference (generate)"]
     print(f"  speed-up (ours / reference): {ratio:.2f}x")
+    if cuda_graphs:
+        print(f"  CUDA graphs / step by step: {rates[GRAPHED] / rates['ours (slots)']:.2f}x")
     if hardware is not None:
         seconds, lengths = results["ours (slots)"]
         floor = sampling_floor_seconds(fields, vocab, lengths, batch, hardware, amp)
@@ -506,6 +520,11 @@ def main() -> None:
         help="train cases: also time ours with its trunk compiled (train.compile; inductor)",
     )
     parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="sample cases: also time our slots replaying CUDA graphs (sample.cuda_graphs)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default: torch's choice)"
     )
     args = parser.parse_args()
@@ -539,7 +558,9 @@ def main() -> None:
                 args.max_new_tokens or case.max_new_tokens,
             )
             amp = autocast_dtype(args.sample_precision, device)
-            sampled[name.removeprefix("sample-")] = run_sampling(name, case, device, hardware, amp)
+            sampled[name.removeprefix("sample-")] = run_sampling(
+                name, case, device, hardware, amp, args.cuda_graphs
+            )
         else:
             case = CASES[name]
             if case.train:

@@ -259,6 +259,12 @@ class SampleConfig(Section):
         description="The model's arithmetic while sampling; auto: bf16 autocast on CUDA with bf16 "
         "support, else fp16; fp32 on CPU (as train.precision). Logits, softmax and draw stay fp32.",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="Continuous batching on CUDA with flash decode attention: replay the steps "
+        "between two looks at the pool as one recorded CUDA graph (one launch instead of ~150 "
+        "kernels a step). The same kernels, so not part of the run id. Off until measured.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
 
 
@@ -390,6 +396,13 @@ class Config(Section):
             )
         if self.train.compile and self.model.implementation != "fast":
             problems.append("train.compile needs model.implementation: fast")
+        if self.sample.cuda_graphs and (
+            self.model.implementation != "fast" or self.sample.rng != "story"
+        ):
+            problems.append(
+                "sample.cuda_graphs needs continuous batching: model.implementation: fast and "
+                "sample.rng: story"
+            )
         for name in self.eval.metrics:
             check = registry()[name].check
             problems += check(self) if check else []
@@ -402,12 +415,14 @@ class Config(Section):
 # moving the artifact root, orchestration, and the evaluations (adding one, or a judge, to a
 # finished run computes just that; each evaluation's stage key covers its own settings). The
 # keys below are left out of the stage keys too (`without_neutral`): performance settings that
-# change no output (the sampling pool's size, compiled training) can change mid-run.
+# change no output (the sampling pool's size, CUDA graphs, compiled training) can change
+# mid-run.
 _HASH_EXCLUDED = {
     ("run", "generations"),
     ("run", "artifact_root"),
     ("run", "run_id"),
     ("sample", "slots"),
+    ("sample", "cuda_graphs"),
     ("train", "compile"),
 }
 _HASH_EXCLUDED_SECTIONS = {"orchestration", "eval"}

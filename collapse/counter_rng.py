@@ -54,6 +54,7 @@ def uniforms(key: int, streams: torch.Tensor, counters: torch.Tensor) -> torch.T
     Returns:
         The same uniforms for the same (key, stream, counter) on any device and in any batch.
     """
-    base = torch.as_tensor(_signed(key), dtype=torch.int64, device=streams.device)
-    h = _mix(_mix(base ^ streams.to(torch.int64)) ^ counters.to(torch.int64))
+    # the key enters as a Python scalar, not a tensor: no host-to-device copy (which a CUDA
+    # graph could not record)
+    h = _mix(_mix(streams.to(torch.int64) ^ _signed(key)) ^ counters.to(torch.int64))
     return _shr(h, 11).to(torch.float64) * (1.0 / (1 << 53))  # top 53 bits: exact in float64

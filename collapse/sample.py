@@ -203,7 +203,9 @@ def sample_corpus(
 
     Returns:
         Stats: sequences, shards, shards_reused, tokens (EOS excluded), finished_fraction,
-        mean_length, precision (the model's arithmetic: `cfg.precision` on this device).
+        mean_length, precision (the model's arithmetic: `cfg.precision` on this device),
+        and, where continuous batching decoded stories, decode: its `attention` (flash or
+        sdpa, with why) and `cuda_graphs` (on, off, or off with why).
     """
     from collapse.tokenizer import special_ids
 
@@ -254,8 +256,9 @@ def sample_corpus(
             log(f"shard {index + 1}/{len(sizes)} written")
 
     ends = (start_id, end_id)
+    decode: dict[str, str] = {}  # how continuous batching ran (`sample_stories`' report)
     if cfg.rng == "story" and implementation_of(model).slots:
-        shards = _slot_shards(model, cfg, todo, sizes, seed, ends, device, bar)
+        shards = _slot_shards(model, cfg, todo, sizes, seed, ends, device, bar, decode)
     else:
         shards = _static_shards(model, cfg, todo, sizes, seed, ends, device, bar)
     # autocast is per thread and the generator runs inside this block: evaluations that run
@@ -275,6 +278,7 @@ def sample_corpus(
         "finished_fraction": counts["finished"] / n,
         "mean_length": counts["tokens"] / n,
         "precision": arithmetic_name(amp),
+        **({"decode": decode} if decode else {}),
     }
 
 
@@ -334,11 +338,13 @@ def _slot_shards(
     ends: tuple[int, int],
     device: torch.device,
     bar: Any,
+    report: dict[str, str],
 ) -> Iterator[Shard]:
     """The shards in `todo` from one pool of `cfg.slots` (default `cfg.batch_size`) slots.
 
     The pool runs across shard boundaries (no shard drains it); a shard is yielded once its
-    last story has ended, so shards come out in about, not exactly, their order.
+    last story has ended, so shards come out in about, not exactly, their order. `report` is
+    filled with how the decode steps ran (attention, CUDA graphs).
     """
     from collapse.slot_sampler import sample_stories
 
@@ -356,6 +362,8 @@ def _slot_shards(
         # the warpers read only the scores (input_ids are for repetition penalties)
         warp=(lambda scores: warpers(None, scores)) if warpers else None,
         device=device,
+        cuda_graphs=cfg.cuda_graphs,
+        report=report,
     ):
         index = story // cfg.shard_size
         pending[index][story] = (ids, ended)

@@ -19,6 +19,7 @@ checks stops recording at once, and its slot idles until the next check.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -38,6 +39,8 @@ def sample_stories(
     warp: Callable[[torch.Tensor], torch.Tensor] | None = None,
     device: torch.device | None = None,
     check_every: int | None = None,
+    cuda_graphs: bool = False,
+    report: dict[str, str] | None = None,
 ) -> Iterator[tuple[int, list[int], bool]]:
     """Sample the given stories; yields (story index, tokens, ended with EOS) as each ends.
 
@@ -53,6 +56,12 @@ def sample_stories(
         device: default: the model's.
         check_every: decoding steps between looks at which stories ended; default 1 on the
             CPU (a look is free), 8 elsewhere (a look waits for the device).
+        cuda_graphs: on CUDA, record the `check_every` steps between two looks as one CUDA
+            graph and replay it, so the host launches one graph instead of ~150 kernels a
+            step (see `_graphed_steps`); where that cannot be done, steps run one by one and
+            `report` says why.
+        report: if given, filled with how the steps ran: `attention` (the decode state's)
+            and `cuda_graphs` (`on`, `off`, or `off: why`).
 
     Yields:
         Each story once, in the order they end.
@@ -79,52 +88,120 @@ def sample_stories(
     alive = torch.ones(n, dtype=torch.bool, device=device)
     ended_eos = torch.zeros(n, dtype=torch.bool, device=device)
     tokens = torch.zeros(n, max_new_tokens, dtype=torch.long, device=device)
+    feed = torch.zeros(n, dtype=torch.long, device=device)  # the token each slot reads next
     owned = [True] * n  # host side: the slot holds a story not yet handed out
     start = torch.full((n, 1), start_id, dtype=torch.long, device=device)
     logits, state = impl.prefill(model, start, capacity=capacity)
-    step = 0
-    while True:
+
+    def draw(logits: torch.Tensor) -> None:
+        """Draw each slot's next token, record it, and set `feed` (all in place)."""
         scores = logits.float() if warp is None else warp(logits.float())
-        u = story_uniforms(key, story, drawn)
-        nxt = draw_tokens(torch.softmax(scores, dim=-1), u)
+        nxt = draw_tokens(torch.softmax(scores, dim=-1), story_uniforms(key, story, drawn))
         column = drawn.clamp(max=max_new_tokens - 1)[:, None]
         kept = torch.where(alive[:, None], nxt[:, None], tokens.gather(1, column))
         tokens.scatter_(1, column, kept)
-        drawn += alive
+        drawn.add_(alive)
         ending = alive & ((nxt == end_id) | (drawn >= max_new_tokens))
-        ended_eos |= ending & (nxt == end_id)
-        alive &= ~ending
-        step += 1
-        feed = torch.where(alive, nxt, torch.full_like(nxt, end_id))
-        if step % check_every == 0:
-            done_rows = [r for r in (~alive).nonzero().flatten().tolist() if owned[r]]
-            if done_rows:
-                rows = torch.tensor(done_rows, device=device)
-                lengths = drawn[rows].tolist()
-                eos = ended_eos[rows].tolist()
-                ids = story[rows].tolist()
-                host_tokens = tokens[rows].tolist()
-                for i, r in enumerate(done_rows):
-                    owned[r] = False
-                    kept_tokens = host_tokens[i][: lengths[i] - (1 if eos[i] else 0)]
-                    yield ids[i], kept_tokens, bool(eos[i])
-            idle = (~alive).nonzero().flatten().tolist()
-            if not any(owned) and not queue:
-                return
-            if idle:
-                refill = idle[: len(queue)]
-                if refill:
-                    rows = torch.tensor(refill, device=device)
-                    story[rows] = torch.tensor(queue[: len(refill)], device=device)
-                    del queue[: len(refill)]
-                    drawn[rows] = 0
-                    alive[rows] = True
-                    ended_eos[rows] = False
-                    for r in refill:
-                        owned[r] = True
-                # every idle row restarts at position 0 (refilled or not), so none runs out of
-                # cache while it waits
-                rows = torch.tensor(idle, device=device)
-                state.reset(rows)
-                feed[rows] = start_id
-        logits, state = impl.decode(model, feed, state)
+        ended_eos.logical_or_(ending & (nxt == end_id))
+        alive.logical_and_(~ending)
+        feed.copy_(torch.where(alive, nxt, end_id))
+
+    def step() -> None:
+        draw(impl.decode(model, feed, state)[0])
+
+    draw(logits)
+    del logits
+    graphed, graphs_note = None, "off"
+    if cuda_graphs:
+        # eager steps first: every kernel and library a step uses is loaded before recording
+        for _ in range(check_every):
+            step()
+        graphed, why = _graphed_steps(step, check_every, state, device)
+        graphs_note = "on" if graphed is not None else f"off: {why}"
+    if report is not None:
+        note = getattr(state, "attention_note", "")
+        report["attention"] = getattr(state, "attention", impl.name) + (
+            f" ({note})" if note else ""
+        )
+        report["cuda_graphs"] = graphs_note
+    while True:
+        # look at the slots after steps 1, 1 + check_every, ...: a story's tokens do not depend
+        # on when its end is seen, only the idle steps of its slot do
+        done_rows = [r for r in (~alive).nonzero().flatten().tolist() if owned[r]]
+        if done_rows:
+            rows = torch.tensor(done_rows, device=device)
+            lengths = drawn[rows].tolist()
+            eos = ended_eos[rows].tolist()
+            ids = story[rows].tolist()
+            host_tokens = tokens[rows].tolist()
+            for i, r in enumerate(done_rows):
+                owned[r] = False
+                kept_tokens = host_tokens[i][: lengths[i] - (1 if eos[i] else 0)]
+                yield ids[i], kept_tokens, bool(eos[i])
+        idle = (~alive).nonzero().flatten().tolist()
+        if not any(owned) and not queue:
+            return
+        if idle:
+            refill = idle[: len(queue)]
+            if refill:
+                rows = torch.tensor(refill, device=device)
+                story[rows] = torch.tensor(queue[: len(refill)], device=device)
+                del queue[: len(refill)]
+                drawn[rows] = 0
+                alive[rows] = True
+                ended_eos[rows] = False
+                for r in refill:
+                    owned[r] = True
+            # every idle row restarts at position 0 (refilled or not), so none runs out of
+            # cache while it waits
+            rows = torch.tensor(idle, device=device)
+            state.reset(rows)
+            feed[rows] = start_id
+        if graphed is not None:
+            graphed.replay()
+            state.span += check_every  # the replayed steps' host-side count
+        else:
+            for _ in range(check_every):
+                step()
+
+
+def _graphed_steps(
+    step: Callable[[], None], count: int, state: Any, device: torch.device
+) -> tuple[Any, str]:
+    """`count` calls of `step` recorded as one CUDA graph, or (None, why not).
+
+    Needs a decode state whose steps have the same shapes every time and no host-side input:
+    the fast model's with flash attention (`DecodeState.static`; SDPA reads a length that
+    grows on the host). Every buffer a step reads or writes is a tensor updated in place, so
+    replaying the graph is `count` steps. Autocast's weight cache is off inside the graph (its
+    casts are recorded and rerun, as PyTorch requires), and capture is thread-local, so other
+    threads (evaluations beside sampling) may use the GPU meanwhile. Nothing runs while
+    recording, so the state is as before; the host-side step count is restored.
+    """
+    if device.type != "cuda":
+        return None, f"{device.type} device"
+    if getattr(state, "attention", None) != "flash":
+        note = getattr(state, "attention_note", "")
+        return None, "needs flash decode attention" + (f" ({note})" if note else "")
+    amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    span = state.span
+    state.static = True
+    graph = torch.cuda.CUDAGraph()
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with (
+            torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"),
+            torch.autocast(
+                "cuda", dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False
+            ),
+        ):
+            for _ in range(count):
+                step()
+    except RuntimeError as error:
+        state.static = False
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return None, f"capture failed: {first}"
+    finally:
+        state.span = span
+    return graph, ""

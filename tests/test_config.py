@@ -213,3 +213,10 @@ def test_compiling_the_trunk_needs_the_fast_model(tiny_config_file: Path):
     with pytest.raises(ConfigError, match="train.compile needs model.implementation: fast"):
         load_config(tiny_config_file, ["train.compile=true", "model.implementation=transformers"])
     assert load_config(tiny_config_file, ["train.compile=true"]).train.compile
+
+
+@pytest.mark.parametrize("other", ["model.implementation=transformers", "sample.rng=shard"])
+def test_cuda_graphs_need_continuous_batching(tiny_config_file: Path, other: str):
+    with pytest.raises(ConfigError, match="sample.cuda_graphs needs continuous batching"):
+        load_config(tiny_config_file, ["sample.cuda_graphs=true", other])
+    assert load_config(tiny_config_file, ["sample.cuda_graphs=true"]).sample.cuda_graphs

@@ -176,3 +176,53 @@ def test_on_a_gpu_auto_samples_under_bf16_autocast(tmp_path: Path):
         logits, state = implementation_of(model).prefill(model, start)
         logits, _ = implementation_of(model).decode(model, start[:, 0], state)
     assert logits.dtype == torch.float32
+
+
+def test_asked_for_cuda_graphs_where_none_can_run_the_steps_run_one_by_one(tmp_path: Path):
+    """On the CPU (no CUDA, no flash attention) `sample.cuda_graphs` changes nothing but the
+    record, which says why the graphs were off and how the pool attended."""
+    model = build_model(FAST, 50, 0, 0, seed=3).eval()
+    cpu = torch.device("cpu")
+    records = {}
+    for graphs in (False, True):
+        cfg = _cfg(
+            num_sequences=8, shard_size=8, rng="story", max_new_tokens=20, cuda_graphs=graphs
+        )
+        records[graphs] = sample_corpus(
+            model, _Tok(), cfg, tmp_path / str(graphs), seed=1, progress_key="k", device=cpu
+        )
+    assert records[True]["decode"] == {
+        "attention": "sdpa (cpu device (flash needs CUDA))",
+        "cuda_graphs": "off: cpu device",
+    }
+    assert records[False]["decode"]["cuda_graphs"] == "off"
+    hashes = {g: sha256_file(tmp_path / str(g) / shard_name(0)) for g in records}
+    assert hashes[True] == hashes[False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_replayed_cuda_graphs_sample_the_stories_of_step_by_step_decoding():
+    cuda = torch.device("cuda")
+    # head size 16: flash decode attention, which the graphs need
+    fields = FAST.model_copy(update={"hidden_size": 64})
+    model = build_model(fields, 50, 0, 0, seed=3).eval().to(cuda)
+    runs, reports = [], []
+    for graphs in (False, True):
+        report: dict[str, str] = {}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            found = sample_stories(
+                model,
+                list(range(60)),
+                key=5,
+                max_new_tokens=30,
+                start_id=0,
+                end_id=0,
+                slots=16,
+                device=cuda,
+                cuda_graphs=graphs,
+                report=report,
+            )
+            runs.append({story: (tokens, ended) for story, tokens, ended in found})
+        reports.append(report)
+    assert reports[1] == {"attention": "flash", "cuda_graphs": "on"}, reports
+    assert runs[0] == runs[1]

@@ -154,12 +154,18 @@ def test_collapse_run_and_submit_say_they_resume_a_run_under_the_earlier_default
 
 def test_performance_settings_change_no_run_id_and_no_key(tmp_path: Path):
     """sample.slots sizes the pool to the device: the corpus is the same (each story draws its
-    own randomness, tests/test_slot_sampler.py); train.compile runs other kernels for the same
-    function (tests/test_train.py). A run can change either and stay the same run."""
+    own randomness, tests/test_slot_sampler.py); sample.cuda_graphs replays the same kernels
+    and train.compile runs other kernels for the same function (tests/test_train.py). A run
+    can change any of them and stay the same run."""
     ctx = _context("demo.yaml", tmp_path, ())
     keys = {f"{g}/{s}": stage_key(ctx, g, s) for g in (0, 1, 2) for s in stages_of(ctx, g)}
-    sized = _context("demo.yaml", tmp_path / "sized", ("sample.slots=1024", "train.compile=true"))
+    sized = _context(
+        "demo.yaml",
+        tmp_path / "sized",
+        ("sample.slots=1024", "sample.cuda_graphs=true", "train.compile=true"),
+    )
     assert sized.config.sample.slots == 1024 and sized.config.train.compile
+    assert sized.config.sample.cuda_graphs
     assert {
         f"{g}/{s}": stage_key(sized, g, s) for g in (0, 1, 2) for s in stages_of(sized, g)
     } == keys

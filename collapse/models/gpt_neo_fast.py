@@ -288,6 +288,10 @@ class DecodeState:
     """Why `sdpa` where flash was not used (empty otherwise)."""
     head: torch.Tensor | None = None
     """The output head's weight in the CUDA autocast dtype at prefill (`next_token_logits`)."""
+    static: bool = False
+    """Flash only: read lengths are bounded by the cache sizes instead of the host-side `span`,
+    so that every step has the same shapes and host inputs (a CUDA graph can record steps);
+    the kernel still reads each row's own positions only."""
 
     def reset(self, rows: torch.Tensor) -> None:
         """Start `rows` (indices or a bool mask over the batch) over as new sequences.
@@ -442,7 +446,7 @@ def decode_step(
     pos = state.positions
     batch = pos.shape[0]
     rows = torch.arange(batch, device=pos.device)
-    read = state.span + 1  # global slots that may be visible to some row
+    read = state.capacity if state.static else state.span + 1  # global slots some row sees
     ring = min(state.window, read)  # ring slots beyond `read` were never written in any row
     if state.attention == "flash":
         starts = torch.arange(batch + 1, dtype=torch.int32, device=pos.device)
