@@ -5,9 +5,11 @@
 # logged and the next one still runs.
 #
 # Here, fill .whl/ (regex for transformers and xxhash for datasets: a venv holding only the
-# packages the GPU machine's README lists plus wheels.sh's lacked them; every step below passed
-# in that venv on a CPU with GPU_CHECK_SMOKE=1):
-#   ../shared/gpu/wheels.sh regex==2026.11.19 xxhash==4.1.0
+# packages the GPU machine's README lists plus wheels.sh's lacked them; pytest and its
+# dependencies for the CUDA-only tests; every step below passed in that venv on a CPU with
+# GPU_CHECK_SMOKE=1):
+#   ../shared/gpu/wheels.sh regex==2026.11.19 xxhash==4.1.0 pytest==9.2.0 pluggy==1.7.0 \
+#       iniconfig==2.3.1 pygments==2.21.0
 # then, in one `device` run with carry [".whl"], from the project root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -61,6 +63,11 @@ print('torch', torch.__version__, 'transformers', transformers.__version__)
 print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')
 "
 command -v nvidia-smi >/dev/null && step nvidia-smi 30 nvidia-smi
+# the tests that need CUDA (marked gpu; skipped elsewhere): deterministic training (first:
+# its cuBLAS workspace setting must precede every other cuBLAS call), flash decode attention
+# against SDPA, CUDA graphs against step-by-step decoding, bf16 sampling
+step cuda-tests 150 "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_train.py \
+    tests/test_fast_model.py tests/test_slot_sampler.py
 # #7: one sampling step of a steady 33M pool (1024 and 4096 slots) taken apart: model step
 # with flash varlen vs masked SDPA attention, two-level vs full-CDF draw, uniforms; top kernels
 step decode-step 120 "$python" bench/decode_step.py --device "$device" "${decode[@]}"

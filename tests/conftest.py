@@ -24,6 +24,20 @@ from .object_roots import ROOT_KINDS, Root, make_root, s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` need CUDA: skipped where there is none. On a GPU machine they run
+    alone with `-m gpu` (bench/gpu_check.sh)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
 _NAMES = ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna", "Max", "Zoe"]
 _THINGS = ["ball", "cat", "dog", "tree", "cake", "kite", "boat", "hat"]
 

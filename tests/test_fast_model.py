@@ -255,7 +255,7 @@ def test_decode_attention_says_why_it_uses_sdpa():
         FAST.prefill(ours, torch.zeros(2, 1, dtype=torch.long), attention="fastest")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @torch.no_grad()
 def test_flash_and_sdpa_decoding_agree_on_cuda():
     # the 33M trunk's head size (48) under bf16 autocast: the path `sample.precision: auto` takes

