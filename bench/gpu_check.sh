@@ -15,7 +15,8 @@
 #       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 #   OUT=$OUT bash bench/gpu_check.sh
 # Expected on an H100/H200: about 10 minutes (most of it transformers' `generate` on sample-33m).
-# Steps run in order of importance: if the device call's time runs out, the last ones are lost.
+# Steps run in order of importance: if the device call's time runs out, the last ones are lost;
+# GPU_CHECK_ONLY="step step ..." runs just those (e.g. the lost ones, in a second call).
 # The same steps shrunk to minutes on a CPU (to try the script before spending GPU time):
 #   GPU_CHECK_SMOKE=1 OUT=/tmp/gpu-check bash bench/gpu_check.sh
 set -u
@@ -27,6 +28,9 @@ python=${PYTHON:-python3}
 step() {  # step NAME LIMIT_S COMMAND...
     local name=$1 limit=$2
     shift 2
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then
+        return 0
+    fi
     echo "== $name: $* (limit ${limit}s, $(date -u +%FT%TZ))" | tee -a "$log"
     timeout "$limit" "$@" >"$out/$name.txt" 2>&1
     local code=$?
@@ -78,10 +82,10 @@ step throughput 330 "$python" bench/throughput.py --device "$device" "${throughp
 # replaying CUDA graphs (a step of its own: a failed replay must not cost the figures above)
 step sample-graphs 150 "$python" bench/throughput.py --device "$device" --cuda-graphs \
     "${graphs[@]}"
-# #7 item 4: is deterministic GPU training bitwise repeatable, and at what cost
-step determinism 150 "$python" bench/determinism.py --device "$device" "${determinism[@]}"
 # #8: one paper-scale fine-tuning pass of the 8 tasks, projected from step times
 step downstream 150 "$python" bench/downstream.py --device "$device" "${downstream[@]}"
+# #7 item 4: is deterministic GPU training bitwise repeatable, and at what cost
+step determinism 150 "$python" bench/determinism.py --device "$device" "${determinism[@]}"
 # every stage of a small run on the device, reference and fast path, timed per stage
 step run 240 "$python" bench/gpu_run.py --device "$device" "${run[@]}"
 # what sample.precision auto (bf16) buys: the 33M sampling race again in exact fp32 (last: the
