@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,30 @@ def test_the_flash_decode_path_reads_each_rows_own_positions(monkeypatch):
             steps.append(last)
         runs.append(torch.stack(steps, 1))
     assert _close(runs[0], runs[1])
+
+
+def test_the_flash_check_catches_a_kernel_that_fails_or_reads_too_far(monkeypatch):
+    # the check's own tiny call, with the CUDA kernel replaced by stand-ins on the CPU
+    from collapse.models import gpt_neo_fast
+
+    cpu = torch.device("cpu")
+
+    def reads_everything(q, keys, values, reads):
+        return _varlen_by_hand(q, keys, values, replace(reads, used=torch.full_like(reads.used, 2)))
+
+    def missing(q, keys, values, reads):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nmore")
+
+    verdicts = {}
+    for name, kernel in (("right", _varlen_by_hand), ("far", reads_everything), ("no", missing)):
+        monkeypatch.setattr(gpt_neo_fast, "_flash_decode", kernel)
+        verdicts[name] = gpt_neo_fast.flash_decode_fails(cpu, torch.float32, 4, 8)
+    assert verdicts == {
+        "right": "",
+        "far": "flash varlen read past seqused_k",
+        "no": "flash varlen unavailable: RuntimeError: FlashAttention only supports Ampere GPUs "
+        "or newer.",
+    }
 
 
 def test_decode_attention_says_why_it_uses_sdpa():

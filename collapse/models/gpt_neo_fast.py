@@ -308,7 +308,8 @@ def decode_attention(
 ) -> tuple[str, str]:
     """How decode steps attend for a cache of `dtype` on `device`: ("flash", "") where
     FlashAttention-2's variable-length kernel runs (a CUDA device, a bf16/fp16 cache, a head
-    size that is a multiple of 8 up to 256, checked by one tiny call), else ("sdpa", why).
+    size that is a multiple of 8 up to 256) and one tiny call shows it reads only the slots
+    `seqused_k` allows, else ("sdpa", why).
     """
     heads = model.config.num_heads
     head_dim = model.config.hidden_size // heads
@@ -318,19 +319,31 @@ def decode_attention(
         return "sdpa", f"{arithmetic_name(dtype)} cache (flash takes bf16 or fp16)"
     if head_dim % 8 or head_dim > 256:
         return "sdpa", f"head size {head_dim} (flash takes multiples of 8 up to 256)"
+    why = flash_decode_fails(device, dtype, heads, head_dim)
+    return ("sdpa", why) if why else ("flash", "")
+
+
+def flash_decode_fails(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> str:
+    """Why `_flash_decode` cannot serve here ("" when it can), from one tiny call: a row whose
+    cache holds two slots, of which it may read one, valued 1 there and -1 in the other, so
+    the output is all ones only if the kernel runs and reads just the slots it is told."""
     keys = torch.zeros(1, 2, heads, head_dim, dtype=dtype, device=device)
+    values = torch.ones_like(keys)
+    values[:, 1] = -1
     q = torch.ones(1, heads, head_dim, dtype=dtype, device=device)
     reads = _Reads(
-        read=1,
+        read=2,
         used=torch.ones(1, dtype=torch.int32, device=device),
         starts=torch.tensor([0, 2], dtype=torch.int32, device=device),
     )
     try:
-        _flash_decode(q, keys, keys, reads)
+        out = _flash_decode(q, keys, values, reads)
     except (RuntimeError, TypeError, NotImplementedError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return "sdpa", f"flash varlen unavailable: {type(error).__name__}: {first}"
-    return "flash", ""
+        return f"flash varlen unavailable: {type(error).__name__}: {first}"
+    if not bool((out == 1).all()):
+        return "flash varlen read past seqused_k"
+    return ""
 
 
 def _new_state(
