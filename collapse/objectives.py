@@ -134,10 +134,9 @@ def training_loss(model: torch.nn.Module, batch: torch.Tensor, cfg: Any) -> torc
 
     impl = implementation_of(model)
     objective = OBJECTIVES[cfg.objective]
-    if objective.is_mle(cfg) or (objective.weights is None and objective.loss is None):
+    weights = objective.weights
+    if objective.is_mle(cfg) or (weights is None and objective.loss is None):
         return impl.loss(model, batch)
     if objective.loss is not None:
         return objective.loss(model, batch, cfg)
-    logp = impl.target_logprobs(model, batch)
-    weights = objective.weights(logp.detach().exp(), cfg)
-    return -(weights * logp).mean()
+    return impl.loss(model, batch, lambda q: weights(q, cfg))

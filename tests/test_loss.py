@@ -1,4 +1,5 @@
-"""The chunked output head + log-softmax: same values and gradients as the full logits."""
+"""The chunked output head + log-softmax: same values and gradients as the full logits, also
+when the loss makes its gradients in its forward pass (`weighted_nll`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 
 from collapse.config import ModelConfig
 from collapse.models import build_model, implementation_of
-from collapse.models.loss import target_logprobs
+from collapse.models.loss import target_logprobs, weighted_nll
 
 
 def test_gradients_are_exact_in_float64():
@@ -54,3 +55,59 @@ def test_fast_and_reference_training_losses_and_gradients_agree():
     grads = dict(reference.named_parameters())
     for name, param in fast.named_parameters():
         assert torch.allclose(param.grad, grads[name].grad, atol=1e-5), name
+
+
+def _mixce_like(q: torch.Tensor) -> torch.Tensor:
+    return 0.3 + 0.7 * q
+
+
+def test_the_one_pass_loss_has_exact_gradients_in_float64():
+    torch.manual_seed(3)
+    hidden = torch.randn(23, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (23,))
+    assert torch.autograd.gradcheck(
+        lambda h, w: weighted_nll(h, w, targets, chunk=5), (hidden, weight)
+    )
+    # weighted: the weights are constants to the gradient (gradcheck would move them with q),
+    # so against the two-pass loss with the same detached weights, whose gradient is exact
+    grads = []
+    for one_pass in (False, True):
+        hidden.grad = weight.grad = None
+        if one_pass:
+            loss = weighted_nll(hidden, weight, targets, _mixce_like, chunk=5)
+        else:
+            logp = target_logprobs(hidden, weight, targets, 5)
+            loss = -(_mixce_like(logp.detach().exp()) * logp).mean()
+        loss.backward()
+        grads.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_the_one_pass_loss_equals_the_two_pass_one_in_fp32_and_under_autocast():
+    # 300 tokens in chunks of 64; MLE and a MixCE-like weighting; a loss scaled as gradient
+    # accumulation scales it
+    torch.manual_seed(4)
+    weight = torch.randn(50, 16, requires_grad=True)
+    hidden = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (300,))
+    for amp in (False, True):
+        for weigh in (None, _mixce_like):
+            grads = []
+            for one_pass in (False, True):
+                hidden.grad = weight.grad = None
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    if one_pass:
+                        loss = weighted_nll(hidden, weight, targets, weigh, chunk=64)
+                    else:
+                        logp = target_logprobs(hidden, weight, targets, chunk=64)
+                        w = torch.ones_like(logp) if weigh is None else weigh(logp.detach().exp())
+                        loss = -(w * logp).mean()
+                (loss / 4).backward()
+                grads.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+            (value, *expected), (ours, *got) = grads
+            # the same matmuls in the same dtype, summed in another order
+            assert torch.allclose(ours, value, rtol=1e-6), (amp, weigh)
+            for a, b in zip(expected, got, strict=True):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (amp, weigh)

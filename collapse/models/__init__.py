@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -78,8 +79,17 @@ class ModelImplementation(Protocol):
     ) -> torch.Tensor:
         """Next-token logits [batch, seq, vocab] for every position."""
 
-    def loss(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy (fp32) of full training sequences [batch, seq]."""
+    def loss(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        weigh: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy (fp32) of full training sequences [batch, seq].
+
+        With `weigh`, -mean_t(w_t log p(x_t | x_<t)) instead, w = weigh(q) from the targets'
+        probabilities q (no gradient; `collapse.objectives`' token weights).
+        """
 
     def target_logprobs(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """log p(x_t | x_<t) (fp32, differentiable) of each next token, as [batch * (seq - 1)]."""

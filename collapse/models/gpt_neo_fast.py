@@ -612,11 +612,20 @@ class FastGPTNeo:
             raise ValueError("the fast GPT-Neo takes right-padded attention masks only")
         return model(input_ids)
 
-    def loss(self, model: GPTNeoFast, input_ids: torch.Tensor) -> torch.Tensor:
-        """See `collapse.models.ModelImplementation`: the output head runs in chunks
-        (`collapse.models.loss.target_logprobs`), so the micro-batch's logits never exist whole.
+    def loss(
+        self,
+        model: GPTNeoFast,
+        input_ids: torch.Tensor,
+        weigh: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """See `collapse.models.ModelImplementation`: the output head runs in chunks, its
+        gradients made in the same pass (`collapse.models.loss.weighted_nll`), so the
+        micro-batch's logits never exist whole and are made once.
         """
-        return -self.target_logprobs(model, input_ids).mean()
+        from collapse.models.loss import weighted_nll
+
+        hidden = model.hidden(input_ids)[:, :-1].flatten(0, 1)
+        return weighted_nll(hidden, model.lm_head.weight, input_ids[:, 1:].flatten(), weigh)
 
     def target_logprobs(self, model: GPTNeoFast, input_ids: torch.Tensor) -> torch.Tensor:
         """See `collapse.models.ModelImplementation`: the output head runs in chunks."""

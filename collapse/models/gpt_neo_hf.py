@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,19 @@ class TransformersGPTNeo:
         """See `collapse.models.ModelImplementation`."""
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def loss(self, model: GPTNeoForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self,
+        model: GPTNeoForCausalLM,
+        input_ids: torch.Tensor,
+        weigh: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """See `collapse.models.ModelImplementation`: from the full logits."""
         from collapse.models.loss import token_loss
 
-        return token_loss(model(input_ids=input_ids).logits, input_ids)
+        if weigh is None:
+            return token_loss(model(input_ids=input_ids).logits, input_ids)
+        logp = self.target_logprobs(model, input_ids)
+        return -(weigh(logp.detach().exp()) * logp).mean()
 
     def target_logprobs(self, model: GPTNeoForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
         """See `collapse.models.ModelImplementation`: from the full logits."""
