@@ -29,21 +29,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from collections.abc import Callable
 
 import torch
+from timing import best_seconds, sync
 
 from collapse.config import ModelConfig
 from collapse.device import arithmetic_name, autocast, autocast_dtype, pick_device
 from collapse.models import implementation, resolve_model_fields
 from collapse.models.gpt_neo_fast import DecodeState, GPTNeoFast
 from collapse.sample import draw_tokens, story_uniforms
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def steady_positions(slots: int, mean: float, cap: int, seed: int) -> torch.Tensor:
@@ -82,16 +77,7 @@ def _state_at(
 def best_ms(device: torch.device, fn: Callable[[], object], steps: int, repeats: int) -> float:
     """Best over `repeats` of the mean time of `fn` over `steps` calls, in ms (after a warm-up)."""
     fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) / steps * 1e3)
-    return min(times)
+    return best_seconds(fn, device, repeats, steps) * 1e3
 
 
 def _full_cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -161,7 +147,7 @@ def time_step(
             for _ in range(5):
                 logits = implementation("fast").decode(model, ids, state)[0].float()
                 draw_tokens(torch.softmax(logits, -1), story_uniforms(0, stories, positions))
-            _sync(device)
+            sync(device)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
 
 

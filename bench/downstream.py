@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
+from timing import best_seconds
 
 from collapse.config import ModelConfig
 from collapse.device import autocast, autocast_dtype, pick_device
@@ -49,11 +49,6 @@ PAPER_TASKS = {
     "rte": (2_490, 277, 1.0, 72),
     "cola": (8_551, 1_043, 1.0, 12),
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _models(preset: str, impl: str, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -103,18 +98,6 @@ def _step_fn(
     return step
 
 
-def _best(fn: Callable[[], None], device: torch.device, repeats: int, steps: int) -> float:
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) / steps)
-    return min(times)
-
-
 def main() -> None:
     """Time both sides per length, print the ratios and the paper-scale projection."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -143,7 +126,7 @@ def main() -> None:
             for fn in fns.values():
                 fn()  # warm-up (allocator, kernels)
             for name, fn in fns.items():
-                table[name][(mode, length)] = _best(fn, device, args.repeats, args.steps)
+                table[name][(mode, length)] = best_seconds(fn, device, args.repeats, args.steps)
             ref, ours = (table[n][(mode, length)] for n in models)
             print(
                 f"  {mode:5s} len {length:4d}: reference {1000 * ref:8.1f} ms/step, "
