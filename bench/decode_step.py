@@ -107,6 +107,7 @@ def time_step(
     stories = torch.arange(slots, device=device)
     state = None
     for side, attention in (("reference", "sdpa"), ("ours", "auto")):
+        state = None  # one pool's cache at a time (~25 GB at 4096 slots)
         state = _state_at(model, positions, capacity, attention, eos)
         if side == "ours" and state.attention != "flash":
             print(f"  model step, ours: flash unavailable ({state.attention_note})")
@@ -116,6 +117,7 @@ def time_step(
             return implementation("fast").decode(model, ids, state)[0]
 
         times[side][f"model step ({label})"] = best_ms(device, step, args.steps, args.repeats)
+        del step
     logits = implementation("fast").decode(model, ids, state)[0].float()
     u = story_uniforms(0, stories, positions)
     times["reference"]["draw (full float64 CDF)"] = best_ms(
