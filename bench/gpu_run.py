@@ -55,7 +55,9 @@ def run_arm(name: str, overrides: list[str], root: Path) -> tuple[dict, Context]
             if stage == "sample":
                 info = record["info"]
                 rate = (info["tokens"] + info["sequences"]) / seconds[gen, stage]
-                print(f"  gen {gen} sample: {rate:,.0f} useful tokens/s (EOS counted)")
+                decode = info.get("decode")  # continuous batching: attention, CUDA graphs
+                how = f"; decode {decode}" if decode else ""
+                print(f"  gen {gen} sample: {rate:,.0f} useful tokens/s (EOS counted){how}")
     return seconds, ctx
 
 
