@@ -249,7 +249,7 @@ def run_case(
     hardware: Hardware | None,
     compiled: bool = False,
 ) -> dict[str, float]:
-    """Time both sides of one case (and ours with its trunk compiled, `train.compile`, when
+    """Time both sides of one case (and ours compiled as `train.compile` compiles it, when
     `compiled`); print them and the ratio; return tokens/s per side."""
     with contextlib.ExitStack() as stack:
         models = _models(case, device, compiled and case.train)
@@ -294,7 +294,7 @@ def _run_case(
     ratio = best["reference (transformers)"] / best["ours (fast)"]
     print(f"  speed-up (ours / reference): {ratio:.2f}x")
     if COMPILED in best:
-        print(f"  compiled trunk / eager: {best['ours (fast)'] / best[COMPILED]:.2f}x")
+        print(f"  compiled / eager: {best['ours (fast)'] / best[COMPILED]:.2f}x")
     del models, steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -517,7 +517,7 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="train cases: also time ours with its trunk compiled (train.compile; inductor)",
+        help="train cases: also time ours compiled as train.compile does (inductor)",
     )
     parser.add_argument(
         "--cuda-graphs",

@@ -204,9 +204,10 @@ class TrainConfig(Section):
     )
     compile: bool = Field(
         False,
-        description="torch.compile the fast model's trunk (embeddings, blocks, final norm) while "
-        "training; the head and loss stay eager. Other kernels for the same function, so not "
-        "part of the run id: switch it on or off mid-run. Off until measured on a GPU.",
+        description="torch.compile the fast model's trunk (embeddings, blocks, final norm) and "
+        "the loss's per-chunk log-softmax and gradient while training; the head's matmuls stay "
+        "eager. Other kernels for the same function, so not part of the run id: switch it on or "
+        "off mid-run. Off until measured on a GPU.",
     )
 
     @field_validator("betas")

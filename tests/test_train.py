@@ -184,10 +184,10 @@ def test_deterministic_gpu_training_is_bitwise_repeatable(tmp_path: Path):
 
 
 def test_a_compiled_trunk_trains_the_same_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """train.compile: the trunk runs through torch.compile. The aot_eager backend traces the
-    forward and backward as inductor does without generating kernels, so the weights are
-    bitwise those of eager training (inductor's kernels round differently; their speed is
-    measured on a GPU by `bench/throughput.py --compile`)."""
+    """train.compile: the trunk and the loss's per-chunk elementwise work run through
+    torch.compile. The aot_eager backend traces them as inductor does without generating
+    kernels, so the weights are bitwise those of eager training (inductor's kernels round
+    differently; their speed is measured by `bench/throughput.py --compile`)."""
     from torch._dynamo import lookup_backend
 
     import collapse.train
@@ -212,10 +212,12 @@ def test_a_compiled_trunk_trains_the_same_model(tmp_path: Path, monkeypatch: pyt
             checkpoint_path=tmp_path / f"{compiled}.pt",
             checkpoint_key="k",
         )
-        assert "hidden" not in vars(model)  # the compiled function is gone after training
+        # the compiled functions are gone after training
+        assert "hidden" not in vars(model) and "loss_gradient" not in vars(model)
         trained[compiled] = (stats["losses"], model.state_dict())
     (eager_losses, eager), (losses, state) = trained[False], trained[True]
-    assert len(graphs) == 1  # one shape, one graph: the trunk ran compiled, and only it
+    # one shape each: the trunk and the loss's chunk (60 tokens: one chunk), and nothing else
+    assert len(graphs) == 2
     assert losses == eager_losses
     assert state.keys() == eager.keys() and all(torch.equal(state[k], eager[k]) for k in state)
     reference = build_model(

@@ -392,23 +392,29 @@ def _new_state(
 
 @contextlib.contextmanager
 def compiled_trunk(model: torch.nn.Module, backend: str = "inductor") -> Iterator[None]:
-    """Run `model.hidden` (embeddings, blocks, final norm) through `torch.compile` inside.
+    """Run `model.hidden` (embeddings, blocks, final norm) through `torch.compile` inside, and
+    the training loss's per-chunk elementwise work (`collapse.models.loss.chunk_gradient`:
+    log-softmax, weights, the logits' gradient), which eager makes in several passes over
+    each [chunk, vocab] block.
 
-    The output head and the loss stay eager: they are one matmul and the chunked cross-entropy
-    (`collapse.models.loss`), which has its own backward. The module tree and its state dict
-    are untouched (the compiled function shadows the method on the instance, and is removed
-    on exit).
+    The output head's matmuls stay eager (cuBLAS already runs them whole), and so does the
+    loss's backward, which only scales the gradients its forward made. The module tree and
+    its state dict are untouched (the compiled functions shadow the method and the loss's
+    default on the instance, and are removed on exit).
 
     Raises:
         ValueError: for a model of another implementation.
     """
     if not isinstance(model, GPTNeoFast):
         raise ValueError("train.compile needs model.implementation: fast")
+    from collapse.models.loss import chunk_gradient
+
     model.hidden = torch.compile(model.hidden, backend=backend)  # type: ignore[method-assign]
+    model.loss_gradient = torch.compile(chunk_gradient, backend=backend)
     try:
         yield
     finally:
-        del model.hidden
+        del model.hidden, model.loss_gradient
 
 
 def _autocast_head(model: GPTNeoFast, device: torch.device) -> torch.Tensor | None:
@@ -622,10 +628,13 @@ class FastGPTNeo:
         gradients made in the same pass (`collapse.models.loss.weighted_nll`), so the
         micro-batch's logits never exist whole and are made once.
         """
-        from collapse.models.loss import weighted_nll
+        from collapse.models.loss import chunk_gradient, weighted_nll
 
         hidden = model.hidden(input_ids)[:, :-1].flatten(0, 1)
-        return weighted_nll(hidden, model.lm_head.weight, input_ids[:, 1:].flatten(), weigh)
+        targets = input_ids[:, 1:].flatten()
+        # `compiled_trunk` puts a compiled chunk_gradient on the instance while it runs
+        gradient = vars(model).get("loss_gradient", chunk_gradient)
+        return weighted_nll(hidden, model.lm_head.weight, targets, weigh, gradient=gradient)
 
     def target_logprobs(self, model: GPTNeoFast, input_ids: torch.Tensor) -> torch.Tensor:
         """See `collapse.models.ModelImplementation`: the output head runs in chunks."""

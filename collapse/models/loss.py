@@ -105,6 +105,31 @@ def target_logprobs(
     return _TargetLogprobs.apply(hidden, weight, targets, chunk, dtype)
 
 
+ChunkGradient = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def chunk_gradient(
+    logits: torch.Tensor,
+    picked: torch.Tensor,
+    tokens: int,
+    weigh: Callable[[torch.Tensor], torch.Tensor] | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of `weighted_nll`, after its logits matmul: the sum of w_t log p_t over the
+    chunk, and d loss / d logits = w_t / tokens * (softmax - onehot) in `dtype` (the matmuls'
+    dtype). Pure elementwise and reduction work over [chunk, vocab], with no input changed,
+    so that `train.compile` can fuse it into a kernel or two (`compiled_trunk`); eager it is
+    several passes over the chunk's logits.
+    """
+    norm = logits.logsumexp(dim=1)
+    logp = logits.gather(1, picked[:, None]).squeeze(1) - norm
+    weights = torch.ones_like(logp) if weigh is None else weigh(logp.exp())
+    grad = (logits - norm[:, None]).exp_()
+    grad[torch.arange(grad.shape[0], device=grad.device), picked] -= 1
+    grad *= (weights / tokens)[:, None]
+    return (weights * logp).sum(), grad.to(dtype)
+
+
 class _WeightedNLL(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -115,6 +140,7 @@ class _WeightedNLL(torch.autograd.Function):
         chunk: int,
         dtype: torch.dtype,
         weigh: Callable[[torch.Tensor], torch.Tensor] | None,
+        gradient: ChunkGradient,
     ) -> torch.Tensor:
         acc = torch.promote_types(torch.float32, dtype)
         tokens = hidden.shape[0]
@@ -125,17 +151,9 @@ class _WeightedNLL(torch.autograd.Function):
             w = weight.to(dtype)
             for start in range(0, tokens, chunk):
                 h = hidden[start : start + chunk].to(dtype)
-                picked = targets[start : start + chunk]
                 logits = (h @ w.T).to(acc)
-                norm = logits.logsumexp(dim=1)
-                logp = logits.gather(1, picked[:, None]).squeeze(1) - norm
-                weights = torch.ones_like(logp) if weigh is None else weigh(logp.exp())
-                total += (weights * logp).sum()
-                # d loss / d logits = w / tokens * (softmax - onehot)
-                grad = logits.sub_(norm[:, None]).exp_()
-                grad[torch.arange(grad.shape[0], device=grad.device), picked] -= 1
-                grad *= (weights / tokens)[:, None]
-                grad = grad.to(dtype)
+                part, grad = gradient(logits, targets[start : start + chunk], tokens, weigh, dtype)
+                total += part
                 grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)
                 grad_weight += (grad.T @ h).to(acc)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -153,6 +171,7 @@ class _WeightedNLL(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -162,6 +181,7 @@ def weighted_nll(
     targets: torch.Tensor,
     weigh: Callable[[torch.Tensor], torch.Tensor] | None = None,
     chunk: int = DEFAULT_CHUNK,
+    gradient: ChunkGradient = chunk_gradient,
 ) -> torch.Tensor:
     """-mean_t(w_t log p(targets[t] | hidden[t])) under the output head `weight`, chunked, its
     gradients made in the same pass (see the module notes).
@@ -173,13 +193,14 @@ def weighted_nll(
         weigh: target probabilities q [tokens] (no gradient) -> token weights; None: all 1
             (MLE). The weights carry no gradient.
         chunk: tokens whose logits exist at once.
+        gradient: `chunk_gradient`, or the same function compiled.
 
     Returns:
         The loss, a scalar in fp32 (fp64 for fp64 inputs). Under autocast the head's matmuls
         run in the autocast dtype and the log-softmax in fp32, as `target_logprobs`.
     """
     dtype = _compute_dtype(hidden.device, hidden.dtype)
-    return _WeightedNLL.apply(hidden, weight, targets, chunk, dtype, weigh)
+    return _WeightedNLL.apply(hidden, weight, targets, chunk, dtype, weigh, gradient)
 
 
 def token_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
