@@ -84,6 +84,10 @@ step sample-graphs 150 "$python" bench/throughput.py --device "$device" --cuda-g
     "${graphs[@]}"
 # #8: one paper-scale fine-tuning pass of the 8 tasks, projected from step times
 step downstream 150 "$python" bench/downstream.py --device "$device" "${downstream[@]}"
+# whether train.compile pays (#7's MFU may need it): the 33M training step compiled (trunk and
+# the loss's per-chunk elementwise work, inductor) beside eager; compile time is spent in the
+# untimed warm-up
+step compile 200 "$python" bench/throughput.py --device "$device" --compile "${compile[@]}"
 # #7 item 4: is deterministic GPU training bitwise repeatable, and at what cost
 step determinism 150 "$python" bench/determinism.py --device "$device" "${determinism[@]}"
 # every stage of a small run on the device, reference and fast path, timed per stage
@@ -92,7 +96,4 @@ step run 240 "$python" bench/gpu_run.py --device "$device" "${run[@]}"
 # steps above matter more if time runs short)
 step sample-fp32 150 "$python" bench/throughput.py --device "$device" --sample-precision fp32 \
     "${fp32[@]}"
-# whether train.compile pays: the 33M training step with the trunk compiled (inductor), beside
-# eager (compile time is spent in the untimed warm-up)
-step compile 200 "$python" bench/throughput.py --device "$device" --compile "${compile[@]}"
 echo "done: $out" | tee -a "$log"
