@@ -60,11 +60,10 @@ def draw_tokens(probs: torch.Tensor, u: torch.Tensor | None = None) -> torch.Ten
     the block CDF, then the CDF within that block only. A full float64 CDF would write and
     read 8 bytes per token twice more: about 1.2 GB per decode step at 1024 slots x 50257
     tokens, nine times the 33M model's bf16 weights, on a GPU bound by memory traffic. The two
-    ways differ
-    only in float64 rounding of the partial sums, which moves a token boundary by ~1e-16 of
-    the mass: the draws are the same but for targets that close to a boundary (no difference
-    in the tests' ~10^4 rows of 50257 tokens). Smaller vocabularies (the demo's) keep the
-    single full CDF.
+    ways differ only in float64 rounding of the partial sums, which moves a token boundary by
+    ~1e-16 of the mass: the draws are the same but for targets that close to a boundary (no
+    difference in the tests' ~3,000 rows of 50257 tokens). Smaller vocabularies (the demo's)
+    keep the single full CDF.
 
     Args:
         probs: rows of (unnormalised) probabilities.
