@@ -209,6 +209,7 @@ def _varlen_by_hand(q, keys, values, reads):
     batch, capacity, heads, head_dim = keys.shape
     flat_k, flat_v = (t.reshape(batch * capacity, heads, head_dim) for t in (keys, values))
     assert reads.starts.tolist() == [r * capacity for r in range(batch + 1)]
+    assert reads.queries.tolist() == list(range(batch + 1))  # one query per row
     assert reads.used.dtype == torch.int32 and int(reads.used.max()) <= reads.read
     out = []
     for r in range(batch):

@@ -122,13 +122,15 @@ class _Reads:
     SDPA: every row reads the first `read` slots, masked by `visible` [batch, 1, 1, read].
     Flash: row r reads its own first `used[r]` slots only (int32 [batch]); `starts` is
     r * (the layer's slots per row), int32 [batch + 1], where row r's cache begins in the
-    cache viewed as [batch * slots, heads, head_dim]; `read` is then the longest `used`.
+    cache viewed as [batch * slots, heads, head_dim]; `read` is then the longest `used`;
+    `queries` is 0..batch, int32 (row r's one query is query r), shared by every layer.
     """
 
     read: int
     visible: torch.Tensor | None = None
     used: torch.Tensor | None = None
     starts: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
 
 
 def _flash_decode(
@@ -144,12 +146,11 @@ def _flash_decode(
     torch 2.13; `decode_attention` checks that the call works before a state uses it.
     """
     batch, capacity, heads, head_dim = keys.shape
-    queries = torch.arange(batch + 1, dtype=torch.int32, device=q.device)  # one per row
     out = torch.ops.aten._flash_attention_forward(
         q,
         keys.view(batch * capacity, heads, head_dim),
         values.view(batch * capacity, heads, head_dim),
-        queries,
+        reads.queries,
         reads.starts,
         1,
         reads.read,
@@ -335,6 +336,7 @@ def flash_decode_fails(device: torch.device, dtype: torch.dtype, heads: int, hea
         read=2,
         used=torch.ones(1, dtype=torch.int32, device=device),
         starts=torch.tensor([0, 2], dtype=torch.int32, device=device),
+        queries=torch.tensor([0, 1], dtype=torch.int32, device=device),
     )
     try:
         out = _flash_decode(q, keys, values, reads)
@@ -468,10 +470,13 @@ def decode_step(
     read = state.capacity if state.static else state.span + 1  # global slots some row sees
     ring = min(state.window, read)  # ring slots beyond `read` were never written in any row
     if state.attention == "flash":
-        starts = torch.arange(batch + 1, dtype=torch.int32, device=pos.device)
+        # row r's query is query r, and its cache starts r caches into the layer's
+        queries = torch.arange(batch + 1, dtype=torch.int32, device=pos.device)
         seen = (pos + 1).to(torch.int32)
-        global_reads = _Reads(read, used=seen, starts=starts * state.capacity)
-        local_reads = _Reads(ring, used=seen.clamp(max=state.window), starts=starts * state.window)
+        global_reads = _Reads(read, used=seen, starts=queries * state.capacity, queries=queries)
+        local_reads = _Reads(
+            ring, used=seen.clamp(max=state.window), starts=queries * state.window, queries=queries
+        )
     else:
         if read > state.zeroed:
             for is_local, ck, cv in zip(state.local, state.keys, state.values, strict=True):
