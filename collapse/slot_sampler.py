@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from collapse.errors import cause_text
 from collapse.models import implementation_of
 
 
@@ -200,8 +201,7 @@ def _graphed_steps(
                 step()
     except RuntimeError as error:
         state.static = False
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return None, f"capture failed: {first}"
+        return None, f"capture failed: {cause_text(error)}"
     finally:
         state.span = span
     return graph, ""

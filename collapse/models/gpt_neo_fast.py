@@ -38,6 +38,7 @@ from torch import nn
 from transformers import GenerationConfig, GPTNeoConfig
 
 from collapse.device import arithmetic_name
+from collapse.errors import cause_text
 from collapse.models.gpt_neo_hf import gpt_neo_config, init_model
 
 # Buffers older transformers versions wrote into GPT-Neo checkpoints; they are masks, not weights.
@@ -341,8 +342,7 @@ def flash_decode_fails(device: torch.device, dtype: torch.dtype, heads: int, hea
     try:
         out = _flash_decode(q, keys, values, reads)
     except (RuntimeError, TypeError, NotImplementedError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return f"flash varlen unavailable: {type(error).__name__}: {first}"
+        return f"flash varlen unavailable: {cause_text(error)}"
     if not bool((out == 1).all()):
         return "flash varlen read past seqused_k"
     return ""
