@@ -15,6 +15,7 @@ import argparse
 import time
 
 import torch
+from timing import sync
 
 from collapse.config import ModelConfig
 from collapse.device import pick_device
@@ -29,11 +30,6 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(
         num_layers=2, hidden_size=64, num_heads=4, max_position_embeddings=512, window_size=128
     )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_ours(model, args, device, bos: int, eos: int) -> int:
@@ -89,10 +85,10 @@ def main() -> None:
     for rep in range(args.repeats):
         for name, fn in sides.items():
             torch.manual_seed(rep)
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             n = fn(model, args, device, bos, eos)
-            _sync(device)
+            sync(device)
             elapsed = time.perf_counter() - start
             if elapsed < best[name]:
                 best[name], tokens[name] = elapsed, n

@@ -58,6 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from timing import sync
 
 from collapse.config import ModelConfig
 from collapse.device import arithmetic_name, autocast, autocast_dtype, pick_device
@@ -130,10 +131,10 @@ def measure_hardware(device: torch.device) -> Hardware | None:
         fn()
         times = []
         for _ in range(10):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - start)
         return min(times)
 
@@ -177,20 +178,15 @@ def _peak_memory(device: torch.device, fn: Callable[[], object]) -> int | None:
     if device.type != "cuda":
         fn()
         return None
-    _sync(device)
+    sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
-    _sync(device)
+    sync(device)
     return torch.cuda.max_memory_allocated(device)
 
 
 def _gib(nbytes: int | None) -> str:
     return "" if nbytes is None else f"  peak {nbytes / 2**30:6.1f} GiB"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 COMPILED = "ours (fast, compiled)"
@@ -274,10 +270,10 @@ def _run_case(
     best = dict.fromkeys(steps, float("inf"))
     for _ in range(repeats):
         for side, fn in steps.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             best[side] = min(best[side], time.perf_counter() - start)
     tokens = case.batch * case.seq
     what = "train step" if case.train else "forward"
@@ -381,11 +377,11 @@ def run_sampling(
     def timed(side: str, fn: Callable[[], list[int]]) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         with autocast(device, amp):
             lengths = fn()
-        _sync(device)
+        sync(device)
         results[side] = (time.perf_counter() - start, lengths)
         peaks[side] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
