@@ -24,11 +24,18 @@ from collapse.sample import sample_batch
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
+    # both sides on the transformers model: `generate` is its method, and the race is between
+    # the two sampling loops (the fast model's continuous batching is bench/throughput.py's)
     if args.preset:
-        return ModelConfig(preset=args.preset)
+        return ModelConfig(preset=args.preset, implementation="transformers")
     # configs/demo.yaml's model
     return ModelConfig(
-        num_layers=2, hidden_size=64, num_heads=4, max_position_embeddings=512, window_size=128
+        num_layers=2,
+        hidden_size=64,
+        num_heads=4,
+        max_position_embeddings=512,
+        window_size=128,
+        implementation="transformers",
     )
 
 
