@@ -536,6 +536,18 @@ def input_problems(data: dict[str, Any]) -> list[str]:
     return problems
 
 
+def start_problems(config: Config) -> list[str]:
+    """What stops a validated config's run before its first start: its missing input files
+    (`input_problems`) and what its evaluations' `inputs` checks find in the data they read.
+    """
+    problems = input_problems(config_to_dict(config))
+    for name in config.eval.metrics:
+        inputs = registry()[name].inputs
+        if inputs is not None:
+            problems += inputs(config)
+    return problems
+
+
 def load_config(
     path: str | Path, overrides: list[str] | None = None, *, check_inputs: bool = True
 ) -> Config:

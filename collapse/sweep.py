@@ -25,9 +25,9 @@ from collapse.config import (
     Config,
     ConfigError,
     config_to_dict,
-    input_problems,
     load_config,
     run_id_for,
+    start_problems,
 )
 from collapse.errors import UserError
 from collapse.sections import PositiveInt
@@ -247,7 +247,7 @@ def _load_arm(
     # A started run may no longer need its inputs (as in `collapse run`): checked before start.
     started = RunStore(config.run.artifact_root, run_id_for(config)).started()
     if check_inputs and not started:
-        missing = input_problems(config_to_dict(config))
+        missing = start_problems(config)
         if missing:
             return None, missing, False
     return config, [], note is not None

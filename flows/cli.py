@@ -22,9 +22,9 @@ from collapse.config import (
     Config,
     ConfigError,
     config_to_dict,
-    input_problems,
     load_config,
     run_id_for,
+    start_problems,
 )
 
 EXIT_USAGE = 2
@@ -156,7 +156,7 @@ def checked_config(path: str, overrides: list[str], sweep_hint: str) -> Config |
     if note:
         print(note)
     if not RunStore(config.run.artifact_root, run_id_for(config)).started():
-        missing = input_problems(config_to_dict(config))
+        missing = start_problems(config)
         if missing:
             return str(ConfigError(missing))
     return config

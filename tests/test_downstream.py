@@ -19,7 +19,12 @@ import yaml
 from collapse.config import Config, ConfigError, ModelConfig, validate_config
 from collapse.context import Context, load_run_tokenizer
 from collapse.downstream import finetune
-from collapse.downstream.data import DownstreamTaskError, Examples, load_task
+from collapse.downstream.data import (
+    DownstreamTaskError,
+    Examples,
+    load_task,
+    preview_problems,
+)
 from collapse.downstream.finetune import SequenceClassifier, encode, length_batches, scores
 from collapse.downstream.probes import (
     acceptability,
@@ -231,6 +236,61 @@ def test_labels_outside_the_classes_are_refused(tmp_path):
     )
     with pytest.raises(DownstreamTaskError, match="hides test labels"):
         load_task("t", spec, lambda: [], seed=0)
+
+
+def test_labels_that_are_not_integers_are_refused(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"s": "x", "y": "positive"}\n')
+    files = {"train": str(tmp_path / "t.jsonl"), "validation": str(tmp_path / "t.jsonl")}
+    spec = task_spec(
+        "t", {"t": {"source": "local", "data_files": files, "text": ["s"], "label": "y"}}
+    )
+    with pytest.raises(DownstreamTaskError, match="column 'y' holds labels that are not integers"):
+        load_task("t", spec, lambda: [], seed=0)
+
+
+def test_a_preview_of_local_task_data_finds_what_the_stage_would_refuse(tmp_path):
+    glue = _glue_like(tmp_path / "glue")
+
+    def preview(fields: dict) -> list[str]:
+        return preview_problems("sst2", task_spec("sst2", {"sst2": fields}))
+
+    assert preview({"dataset": str(glue)}) == []
+    typo = preview({"dataset": str(glue), "text": ["txt"]})
+    assert [p.split(" has no")[0] for p in typo] == [
+        "eval.downstream: task 'sst2': split 'train'",
+        "eval.downstream: task 'sst2': split 'validation'",
+    ]
+    assert "(columns: sentence, label, idx)" in typo[0]
+    labels = preview({"dataset": str(glue), "num_labels": 1})
+    assert len(labels) == 2 and all("has labels [1] outside 0..0;" in p for p in labels)
+    assert preview({"dataset": str(tmp_path / "gleu")}) == [
+        f"eval.downstream.task_table.sst2.dataset: '{tmp_path / 'gleu'}' is not a folder "
+        "(a local copy must be a folder laid out like the hub repository)"
+    ]
+    assert preview({}) == []  # a hub id is fetched by the stage, not by a config check
+    files = {"train": str(tmp_path / "train.csv"), "validation": str(glue / "none.parquet")}
+    (tmp_path / "train.csv").write_text("sentence,label\ngood,1\n")
+    (missing,) = preview({"source": "local", "data_files": files})
+    assert missing.startswith("eval.downstream.task_table.sst2.data_files.validation: cannot read")
+
+
+def test_a_wrong_column_in_local_task_data_stops_collapse_run_before_it_starts(tmp_path):
+    glue = _glue_like(tmp_path / "glue")
+    root = tmp_path / "artifacts"
+    data = downstream_config(root, write_story_file(tmp_path / "stories.txt", n=20))
+    data["eval"]["downstream"].update(
+        tasks=["word_order", "sst2"], task_table={"sst2": {"dataset": str(glue), "text": ["txt"]}}
+    )
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(data))
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    proc = collapse_cli(home, "run", str(config))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("collapse: error: invalid config:\n")
+    assert "task 'sst2': split 'train' has no column(s) ['txt']" in proc.stderr
+    assert not root.exists()  # nothing started: no run folder, no Prefect server
 
 
 # --- probes ---------------------------------------------------------------------------------

@@ -65,6 +65,10 @@ class Evaluation:
         report_section: HTML for the report's per-run part (e.g. excerpts), or None.
         applies: which generations it runs on, when not "all, or all but 0".
         check: cross-section config problems ("dotted.key: message"), when it is configured.
+        inputs: problems with the data on this machine it will read (e.g. a local task file
+            without the configured column), found cheaply from a validated config. `collapse
+            run`, `submit` and `sweep` report them with the config's before a run first starts,
+            not hours in, when the stage gets to read them.
         parts: for an evaluation made of independent jobs (e.g. one fine-tune per downstream
             task), their names under a config. Each part is a stage of its own,
             `eval.<name>/<part>`, with its own key, record and result file
@@ -87,6 +91,7 @@ class Evaluation:
     report_section: Callable[[Any], str | None] | None = None
     applies: Callable[[Any, int], bool] | None = None
     check: Callable[[Any], list[str]] | None = None
+    inputs: Callable[[Any], list[str]] | None = None
     parts: Callable[[Any], list[str]] | None = None
 
     @property

@@ -126,6 +126,14 @@ def _key(ctx: Context, gen: int, task: str) -> list[Any]:
     return [spec, settings, cfg.train.precision, cfg.run.seed, model, corpus_digest(ctx, 0)]
 
 
+def _inputs(config: Any) -> list[str]:
+    """The chosen tasks' local data, previewed: a wrong column or label before the run."""
+    from collapse.downstream.data import preview_problems
+
+    tasks = _settings(config).tasks
+    return [p for task in tasks for p in preview_problems(task, _spec(config, task))]
+
+
 def _stories(ctx: Context) -> list[str]:
     import pyarrow.parquet as pq
 
@@ -308,5 +316,6 @@ EVALUATION = Evaluation(
     ),
     report_section=_section,
     applies=_applies,
+    inputs=_inputs,
     parts=lambda config: list(_settings(config).tasks),
 )
