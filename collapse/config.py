@@ -515,30 +515,26 @@ def validate_config(data: dict[str, Any]) -> Config:
 
 
 def input_problems(data: dict[str, Any]) -> list[str]:
-    """Input files a config (a plain dict, valid or not) names that do not exist.
+    """Input files a config (a plain dict, valid or not) names that do not exist: the corpus.
 
     Not part of validation: a saved run must open where its inputs are absent (a GPU worker,
-    a moved corpus). `collapse run` checks them before a run's first start; afterwards the
-    stage that reads a file checks it, if it has to run at all.
+    a moved corpus). `collapse run` checks them before a run's first start (`start_problems`,
+    which adds what the evaluations read); afterwards the stage that reads a file checks it,
+    if it has to run at all.
     """
-    problems = []
     corpus = data.get("corpus") if isinstance(data.get("corpus"), dict) else {}
     if corpus.get("source") == "local" and corpus.get("path"):
         if not Path(str(corpus["path"])).exists():
-            problems.append(
+            return [
                 f"corpus.path {corpus['path']!r} does not exist (give a .txt, .jsonl or .parquet)"
-            )
-    evals = data.get("eval") if isinstance(data.get("eval"), dict) else {}
-    judge = evals.get("judge") if isinstance(evals.get("judge"), dict) else {}
-    if judge.get("prompts") == "file" and judge.get("prompts_path"):
-        if not Path(str(judge["prompts_path"])).is_file():
-            problems.append(f"eval.judge.prompts_path {judge['prompts_path']!r} does not exist")
-    return problems
+            ]
+    return []
 
 
 def start_problems(config: Config) -> list[str]:
-    """What stops a validated config's run before its first start: its missing input files
-    (`input_problems`) and what its evaluations' `inputs` checks find in the data they read.
+    """What stops a validated config's run before its first start: a missing corpus file
+    (`input_problems`) and what its evaluations' `inputs` checks find in the files they read
+    (the judge's prompts file, downstream tasks' local data).
     """
     problems = input_problems(config_to_dict(config))
     for name in config.eval.metrics:

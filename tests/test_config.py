@@ -173,16 +173,20 @@ def test_a_perplexity_window_beyond_the_model_is_rejected(tiny_config_file: Path
 
 
 def test_a_saved_config_loads_without_its_input_files(tiny_config_file: Path, tmp_path: Path):
-    from collapse.config import input_problems, validate_config
+    from collapse.config import start_problems, validate_config
 
     config = load_config(tiny_config_file)
     data = config.model_dump(mode="json")
     Path(data["corpus"]["path"]).unlink()
     data["eval"]["judge"].update(prompts="file", prompts_path=str(tmp_path / "gone.yaml"))
     assert validate_config(data).corpus.path == data["corpus"]["path"]
-    problems = input_problems(data)
-    assert len(problems) == 2
-    assert "corpus.path" in problems[0] and "eval.judge.prompts_path" in problems[1]
+    data["eval"]["metrics"].remove("judge")
+    (corpus,) = start_problems(validate_config(data))  # an unused section's file is no input
+    assert corpus.startswith(f"corpus.path {data['corpus']['path']!r} does not exist")
+    data["eval"]["metrics"].append("judge")
+    problems = start_problems(validate_config(data))
+    assert problems[0] == corpus and len(problems) == 2
+    assert problems[1].startswith(f"eval.judge.prompts_path '{tmp_path / 'gone.yaml'}' does not")
 
 
 def test_orchestration_mode_and_pipeline_never_change_the_run(tiny_config_file: Path):

@@ -128,6 +128,18 @@ def _prompts_file(config: Any) -> Path:
     return path
 
 
+def _inputs(config: Any) -> list[str]:
+    from collapse.judge.prompts import PromptsUnavailable
+
+    if config.eval.judge.prompts != "file":
+        return []
+    try:
+        _prompts_file(config)
+    except PromptsUnavailable as exc:
+        return [str(exc)]
+    return []
+
+
 def _key(ctx: Context, gen: int) -> list[Any]:
     from collapse.judge.instruction import INSTRUCTION_VERSION
     from collapse.models import resolve_model_fields
@@ -412,4 +424,5 @@ EVALUATION = Evaluation(
     report_section=_section,
     applies=_applies,
     check=_check,
+    inputs=_inputs,
 )
