@@ -8,35 +8,33 @@ import torch.nn.functional as F
 
 from collapse.config import ModelConfig
 from collapse.models import build_model, implementation_of
-from collapse.models.loss import target_logprobs, weighted_nll
+from collapse.models.loss import weighted_nll
 
 
-def test_gradients_are_exact_in_float64():
-    torch.manual_seed(0)
-    hidden = torch.randn(23, 6, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 11, (23,))
-    # chunks of 5 over 23 tokens: a partial last chunk too
-    assert torch.autograd.gradcheck(
-        lambda h, w: target_logprobs(h, w, targets, 5), (hidden, weight)
-    )
+def _reference_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """log p(target) from the whole [tokens, vocab] logits: what the chunked head must equal."""
+    logits = hidden @ weight.T
+    logp = logits.to(torch.promote_types(torch.float32, logits.dtype)).log_softmax(dim=1)
+    return logp.gather(1, targets[:, None]).squeeze(1)
 
 
-def test_any_token_weighting_backpropagates_like_cross_entropy():
-    # per-token weights stand for MLE (all ones) or MixCE/TaiLr-style weights alike
+def test_a_token_weighting_backpropagates_like_weighted_cross_entropy():
+    # a weighting of the target's probability, as MixCE and TaiLr weigh (constants to autograd)
     torch.manual_seed(1)
     hidden = torch.randn(300, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     targets = torch.randint(0, 50, (300,))
-    token_weights = torch.rand(300)
     reference = -F.cross_entropy(hidden @ weight.T, targets, reduction="none")
-    (reference * token_weights).sum().backward()
+    expected_loss = -(_mixce_like(reference.detach().exp()) * reference).mean()
+    expected_loss.backward()
     expected = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
-    ours = target_logprobs(hidden, weight, targets, chunk=64)
-    (ours * token_weights).sum().backward()
+    loss = weighted_nll(hidden, weight, targets, _mixce_like, chunk=64)
+    loss.backward()
     # fp32 sums in another order: differences at float rounding (measured ~2e-6)
-    assert torch.allclose(ours, reference, atol=1e-5)
+    assert torch.allclose(loss, expected_loss, atol=1e-5)
     assert torch.allclose(hidden.grad, expected[0], atol=1e-5)
     assert torch.allclose(weight.grad, expected[1], atol=1e-5)
 
@@ -70,14 +68,14 @@ def test_the_one_pass_loss_has_exact_gradients_in_float64():
         lambda h, w: weighted_nll(h, w, targets, chunk=5), (hidden, weight)
     )
     # weighted: the weights are constants to the gradient (gradcheck would move them with q),
-    # so against the two-pass loss with the same detached weights, whose gradient is exact
+    # so against the full logits' loss with the same detached weights, whose gradient is exact
     grads = []
     for one_pass in (False, True):
         hidden.grad = weight.grad = None
         if one_pass:
             loss = weighted_nll(hidden, weight, targets, _mixce_like, chunk=5)
         else:
-            logp = target_logprobs(hidden, weight, targets, 5)
+            logp = _reference_logprobs(hidden, weight, targets)
             loss = -(_mixce_like(logp.detach().exp()) * logp).mean()
         loss.backward()
         grads.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
@@ -85,7 +83,7 @@ def test_the_one_pass_loss_has_exact_gradients_in_float64():
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
 
 
-def test_the_one_pass_loss_equals_the_two_pass_one_in_fp32_and_under_autocast():
+def test_the_one_pass_loss_equals_the_full_logits_one_in_fp32_and_under_autocast():
     # 300 tokens in chunks of 64; MLE and a MixCE-like weighting; a loss scaled as gradient
     # accumulation scales it
     torch.manual_seed(4)
@@ -101,13 +99,17 @@ def test_the_one_pass_loss_equals_the_two_pass_one_in_fp32_and_under_autocast():
                     if one_pass:
                         loss = weighted_nll(hidden, weight, targets, weigh, chunk=64)
                     else:
-                        logp = target_logprobs(hidden, weight, targets, chunk=64)
+                        logp = _reference_logprobs(hidden, weight, targets)
                         w = torch.ones_like(logp) if weigh is None else weigh(logp.detach().exp())
                         loss = -(w * logp).mean()
                 (loss / 4).backward()
                 grads.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
             (value, *expected), (ours, *got) = grads
-            # the same matmuls in the same dtype, summed in another order
+            # the same logits (a matmul per element in the same dtype), summed in another order
             assert torch.allclose(ours, value, rtol=1e-6), (amp, weigh)
             for a, b in zip(expected, got, strict=True):
-                assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (amp, weigh)
+                # under autocast the reference's head gradient is one bf16 matmul over all
+                # tokens, rounded once to bf16; ours sums per-chunk products in fp32: they
+                # differ by a bf16 rounding of the result (measured 0.33% of the largest entry)
+                atol = 2**-7 * a.abs().max().item() if amp else 1e-7
+                assert torch.allclose(a, b, rtol=1e-4, atol=atol), (amp, weigh)

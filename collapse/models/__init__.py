@@ -91,9 +91,6 @@ class ModelImplementation(Protocol):
         probabilities q (no gradient; `collapse.objectives`' token weights).
         """
 
-    def target_logprobs(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """log p(x_t | x_<t) (fp32, differentiable) of each next token, as [batch * (seq - 1)]."""
-
     def features(self, model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """The final hidden states [batch, seq, hidden] (what the output head reads).
 

@@ -641,13 +641,6 @@ class FastGPTNeo:
         gradient = vars(model).get("loss_gradient", chunk_gradient)
         return weighted_nll(hidden, model.lm_head.weight, targets, weigh, gradient=gradient)
 
-    def target_logprobs(self, model: GPTNeoFast, input_ids: torch.Tensor) -> torch.Tensor:
-        """See `collapse.models.ModelImplementation`: the output head runs in chunks."""
-        from collapse.models.loss import target_logprobs
-
-        hidden = model.hidden(input_ids)[:, :-1].flatten(0, 1)
-        return target_logprobs(hidden, model.lm_head.weight, input_ids[:, 1:].flatten())
-
     def features(self, model: GPTNeoFast, input_ids: torch.Tensor) -> torch.Tensor:
         """See `collapse.models.ModelImplementation`."""
         return model.hidden(input_ids)

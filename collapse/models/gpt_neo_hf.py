@@ -115,18 +115,13 @@ class TransformersGPTNeo:
         weigh: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """See `collapse.models.ModelImplementation`: from the full logits."""
-        from collapse.models.loss import token_loss
+        from collapse.models.loss import token_logprobs, token_loss
 
+        logits = model(input_ids=input_ids).logits
         if weigh is None:
-            return token_loss(model(input_ids=input_ids).logits, input_ids)
-        logp = self.target_logprobs(model, input_ids)
+            return token_loss(logits, input_ids)
+        logp = token_logprobs(logits, input_ids)
         return -(weigh(logp.detach().exp()) * logp).mean()
-
-    def target_logprobs(self, model: GPTNeoForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
-        """See `collapse.models.ModelImplementation`: from the full logits."""
-        logits = model(input_ids=input_ids).logits[:, :-1].float().flatten(0, 1)
-        targets = input_ids[:, 1:].flatten()
-        return logits.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
 
     def features(self, model: GPTNeoForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
         """See `collapse.models.ModelImplementation`: what `GPTNeoModel` returns."""

@@ -10,11 +10,9 @@ The gradient of each token's log-probability with respect to its logits is oneho
   of the target's probability taken without gradient (1 for MLE, MixCE's and TaiLr's weights),
   and its gradients computed in the same pass over the vocabulary: a chunk's logits are made
   once, and backward only scales the gradients kept from forward by the upstream gradient. A
-  loss through `target_logprobs` would make them twice (forward, then again in backward), a
-  third more of the head's matmuls, which are most of a 33M step's FLOPs (the head is 38.6M
-  of its 67M multiplying parameters).
-- `target_logprobs`: the per-token log-probabilities, differentiable, for any use of them
-  (recomputing the logits in backward, since its upstream gradient is per token).
+  loss through differentiable per-token log-probabilities would make them twice (forward,
+  then again in backward), a third more of the head's matmuls, which are most of a 33M step's
+  FLOPs (the head is 38.6M of its 67M multiplying parameters).
 
 Written by hand because PyTorch has no fused linear cross-entropy, and the libraries that do
 (e.g. Liger's Triton kernels) run on CUDA only; this one runs wherever torch does.
@@ -37,72 +35,6 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return dtype
-
-
-class _TargetLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        targets: torch.Tensor,
-        chunk: int,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        # log-softmax in fp32 at least (fp64 inputs stay fp64, e.g. for gradcheck)
-        acc = torch.promote_types(torch.float32, dtype)
-        out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            for start in range(0, hidden.shape[0], chunk):
-                logits = (hidden[start : start + chunk].to(dtype) @ w.T).to(acc)
-                picked = logits.gather(1, targets[start : start + chunk, None]).squeeze(1)
-                out[start : start + chunk] = picked - logits.logsumexp(dim=1)
-        ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk, ctx.dtype = chunk, dtype
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, targets = ctx.saved_tensors
-        chunk, dtype = ctx.chunk, ctx.dtype
-        acc = torch.promote_types(torch.float32, dtype)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            for start in range(0, hidden.shape[0], chunk):
-                h = hidden[start : start + chunk].to(dtype)
-                logits = (h @ w.T).to(acc)
-                # d log p(target) / d logits = onehot(target) - softmax(logits)
-                grad = logits.softmax(dim=1).neg_()
-                rows = torch.arange(grad.shape[0], device=grad.device)
-                grad[rows, targets[start : start + chunk]] += 1
-                grad *= grad_out[start : start + chunk, None]
-                grad = grad.to(dtype)
-                grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)
-                grad_weight += (grad.T @ h).to(acc)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
-
-
-def target_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK
-) -> torch.Tensor:
-    """log p(targets[i] | hidden[i]) under the output head `weight`, differentiable, chunked.
-
-    Args:
-        hidden: [tokens, width] final hidden states.
-        weight: [vocab, width] output head (tied embedding).
-        targets: [tokens] next-token ids.
-        chunk: tokens whose logits exist at once.
-
-    Returns:
-        log-probabilities [tokens] in fp32 (fp64 for fp64 inputs). Under autocast the head's
-        matmuls run in the autocast dtype and the log-softmax in fp32, as
-        `F.cross_entropy(logits.float())` would.
-    """
-    dtype = _compute_dtype(hidden.device, hidden.dtype)
-    return _TargetLogprobs.apply(hidden, weight, targets, chunk, dtype)
 
 
 ChunkGradient = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -197,7 +129,8 @@ def weighted_nll(
 
     Returns:
         The loss, a scalar in fp32 (fp64 for fp64 inputs). Under autocast the head's matmuls
-        run in the autocast dtype and the log-softmax in fp32, as `target_logprobs`.
+        run in the autocast dtype and the log-softmax in fp32, as
+        `F.cross_entropy(logits.float())` would.
     """
     dtype = _compute_dtype(hidden.device, hidden.dtype)
     return _WeightedNLL.apply(hidden, weight, targets, chunk, dtype, weigh, gradient)
@@ -206,3 +139,11 @@ def weighted_nll(
 def token_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) of a batch of full sequences, from all logits."""
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+def token_logprobs(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """log p(x_t | x_<t) (fp32 at least, differentiable) of each next token of a batch of full
+    sequences, as [batch * (seq - 1)], from all logits."""
+    acc = torch.promote_types(torch.float32, logits.dtype)
+    logp = logits[:, :-1].to(acc).flatten(0, 1).log_softmax(dim=-1)
+    return logp.gather(1, batch[:, 1:].flatten()[:, None]).squeeze(1)
