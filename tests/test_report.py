@@ -18,7 +18,8 @@ from collapse.report import ReportError, load_run, report_figures, summary_markd
 
 from .conftest import REPO
 
-FIGURES = [figure.name for figure in report_figures()]
+# The tiny run's local corpus has no known source: every figure but source_fit's.
+FIGURES = [figure.name for figure in report_figures() if figure.name != "source-fit"]
 
 
 class _Page(HTMLParser):

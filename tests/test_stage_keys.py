@@ -39,6 +39,12 @@ DEMO_KEYS = {
     "1/eval.judge": "4c25f04f99c9347a3893952c3daf67881664bcc959e8c09c1075d318afc57963",
     "2/eval.perplexity": "502efc0d99828f40f92e7d6d8dbc7c7f6f6a66fda60c292a405d2c65fcdead43",
 }
+# Evaluations added since, pinned from the commit that added them.
+ADDED_KEYS = {  # source_fit, 2026-12-07
+    "0/eval.source_fit": "336f60accb2fe976b759c4d338252e10d53ce1fbc6c0579281d0d1a88e62ace8",
+    "1/eval.source_fit": "857320392a30cc4903c01b95ecd35ab56245edd18ae4992d13006ba4caf79d30",
+    "2/eval.source_fit": "bed534a7ea6e9c013417951b255c4db38ccaac40dfdca7b4d64c5c90519f5aad",
+}
 RUN_IDS = {"demo.yaml": "demo-9af23572f8", "paper-33m.yaml": "paper-33m-a8eb729f88"}
 EARLIER = EARLIER_DEFAULTS
 PAPER_33M_TRAIN_1 = "4e45b9ca596f01fb413ac531640eb193bcf37ec8c965e796a1aef878e92387c8"
@@ -50,7 +56,7 @@ def _context(config_name: str, root: Path, overrides: tuple[str, ...] = tuple(EA
     for gen in range(0, 3):
         stages = {
             stage: {"key": "k", "outputs": {}, "digest": f"{gen}-{stage}-digest", "info": {}}
-            for stage in ("corpus", "train", "sample", "eval.oov")
+            for stage in ("corpus", "train", "sample", "eval.oov", "eval.source_fit")
         }
         atomic_write_json(store.manifest_path(gen), {"generation": gen, "stages": stages})
     config = load_config(REPO / "configs" / config_name, list(overrides))
@@ -61,6 +67,7 @@ def test_demo_stage_keys_are_those_of_earlier_releases(tmp_path: Path):
     ctx = _context("demo.yaml", tmp_path)
     keys = {f"{g}/{s}": stage_key(ctx, g, s) for g in (0, 1, 2) for s in stages_of(ctx, g)}
     assert {k: keys[k] for k in DEMO_KEYS} == DEMO_KEYS
+    assert {k: keys[k] for k in ADDED_KEYS} == ADDED_KEYS
     assert config_hash(ctx.config).startswith(RUN_IDS["demo.yaml"].split("-")[-1])
 
 
@@ -98,7 +105,8 @@ def test_todays_defaults_change_only_the_sample_keys(tmp_path: Path):
     draws other tokens, so the sample stages, and only they, have other keys."""
     ctx = _context("demo.yaml", tmp_path, ())
     keys = {f"{g}/{s}": stage_key(ctx, g, s) for g in (0, 1, 2) for s in stages_of(ctx, g)}
-    differing = sorted(k for k in DEMO_KEYS if keys[k] != DEMO_KEYS[k])
+    pinned = DEMO_KEYS | ADDED_KEYS
+    differing = sorted(k for k in pinned if keys[k] != pinned[k])
     assert differing == ["1/sample", "2/sample"]
 
 

@@ -447,6 +447,15 @@ class Automaton:
 
     def log_prob(self, text: str) -> float:
         """Forward algorithm: the natural-log probability that `sample` emits exactly text."""
+        return self.forward(text)[0]
+
+    def forward(self, text: str) -> tuple[float, int]:
+        """The forward algorithm over `text`: (log P(text), the longest valid prefix).
+
+        The prefix is the most characters of `text` that some partial derivation emits, so
+        `text[:n]` begins a story the grammar can write (cut where one emission ends and the
+        next starts); n == len(text) for every text with a finite log probability.
+        """
         edges_of, rank, tables, ents = self.edges, self.rank, self.tables, self.entities
         # pending[pos][(state, registers)] = log prob of emitting text[:pos] and being there.
         pending: dict[int, dict[tuple[int, tuple], float]] = {
@@ -463,9 +472,11 @@ class Automaton:
             old = bucket.get(key)
             bucket[key] = logp if old is None else _logaddexp(old, logp)
 
+        reached = 0
         while positions:
             pos = heapq.heappop(positions)
             layer = pending.pop(pos)
+            reached = pos  # positions pop in increasing order
             # Epsilon edges stay at pos but always lead to a later rank; popping in rank order
             # finishes every key's sum before its edges are followed.
             counter = itertools.count()
@@ -498,7 +509,7 @@ class Automaton:
                         else:
                             layer[new_key] = lp
                             heapq.heappush(queue, (rank[target], next(counter), new_key))
-        return total
+        return total, reached
 
 
 def _entity_steps(

@@ -56,6 +56,11 @@ class StoryGrammar:
         """Natural-log probability of exactly this text (-inf if it cannot be produced)."""
         return self.automaton.log_prob(text)
 
+    def forward(self, text: str) -> tuple[float, int]:
+        """(log probability of exactly this text, characters of its longest prefix that begins
+        a story the grammar can write); see `Automaton.forward`."""
+        return self.automaton.forward(text)
+
 
 def load_grammar(path: Path | None = None) -> StoryGrammar:
     """Load and compile a story grammar.

@@ -1,0 +1,120 @@
+"""How a corpus fits the synthetic source that the human corpus was drawn from.
+
+The built-in corpus comes from a probabilistic grammar that gives the exact probability
+p(x) of any text (`collapse.corpus.synthetic`), so a generated corpus can be measured against
+the truth rather than against a sample of it:
+
+- the share of documents the source could have written at all (p(x) > 0), among all
+  documents and among those that ended with EOS (a story cut at `max_new_tokens` is not one the
+  source would write, whatever its words);
+- the valid prefix share: how much of a document (in characters, up to where one of the
+  source's emissions ends) the source could have written before the document departs from
+  every story it can write: a misspelt word, a word it never uses there, a hero whose name
+  changes, a pronoun that does not match. It is graded where validity is all or nothing, so
+  it still tells generations of a small model apart when none of their stories is valid;
+- the source's negative log-likelihood -log p(x) of the valid ones (nats per story and per
+  word): a corpus drawn from the source itself averages the source's entropy;
+- the tail share: valid stories less likely than the human corpus's `tail_quantile`, i.e. with
+  -log p(x) above that quantile of the human stories. The human corpus has 1 - tail_quantile
+  of its stories there by construction; model collapse predicts the tails vanish first
+  (Shumailov et al.), which reads here as this share falling toward 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from collapse.corpus.parquet import iter_tables
+
+
+@dataclass(frozen=True)
+class SourceScores:
+    """Per document of a corpus, in order, what the source makes of it."""
+
+    log_probs: np.ndarray  # log p(text); -inf where the source cannot write the text
+    prefix_share: np.ndarray  # share of its characters in the longest prefix the source writes
+    finished: np.ndarray  # ended with EOS
+    words: np.ndarray  # whitespace-separated words
+
+
+def source_scores(
+    paths: Sequence[Path], grammar: Any, max_documents: int | None = None
+) -> SourceScores:
+    """Score every document of a corpus under the source `grammar` (its forward algorithm).
+
+    Args:
+        paths: the corpus's Parquet shards.
+        grammar: a `collapse.corpus.synthetic.StoryGrammar`.
+        max_documents: score only the first N documents; None: all.
+    """
+    log_probs: list[float] = []
+    prefix: list[float] = []
+    finished: list[bool] = []
+    words: list[int] = []
+    cap = np.inf if max_documents is None else max_documents
+    for table in iter_tables(paths, ["text", "finished"]):
+        texts = table.column("text").to_pylist()
+        for text, ended in zip(texts, table.column("finished").to_pylist(), strict=True):
+            if len(log_probs) >= cap:
+                break
+            log_prob, reached = grammar.forward(text)
+            log_probs.append(log_prob)
+            # an empty document (EOS first) is no story: none of it counts as written
+            prefix.append(reached / len(text) if text else 0.0)
+            finished.append(bool(ended))
+            words.append(len(text.split()))
+        if len(log_probs) >= cap:
+            break
+    return SourceScores(
+        np.asarray(log_probs, np.float64),
+        np.asarray(prefix, np.float64),
+        np.asarray(finished, bool),
+        np.asarray(words, np.int64),
+    )
+
+
+def tail_threshold(log_probs: np.ndarray, quantile: float) -> float:
+    """The source NLL above which a story is in the tail: the `quantile` of the valid stories'
+    -log p (the human corpus's, where it sets the threshold).
+
+    Raises:
+        ValueError: no story is valid (there is no distribution to take a quantile of).
+    """
+    nll = -log_probs[np.isfinite(log_probs)]
+    if nll.size == 0:
+        raise ValueError("no document is one the source can produce: no tail threshold")
+    return float(np.quantile(nll, quantile))
+
+
+def _share(mask: np.ndarray) -> float | None:
+    return float(mask.mean()) if mask.size else None
+
+
+def fit_summary(scores: SourceScores, threshold: float) -> dict[str, Any]:
+    """The fit of one corpus: valid shares, valid prefix share, source NLL of the valid
+    stories, tail share.
+
+    Values with nothing to average over (no valid story, no finished story) are None, never 0.
+
+    Args:
+        scores: the corpus's `source_scores`.
+        threshold: the tail threshold (`tail_threshold` of the human corpus).
+    """
+    valid = np.isfinite(scores.log_probs)
+    nll = -scores.log_probs[valid]
+    return {
+        "documents": int(valid.size),
+        "valid_fraction": _share(valid),
+        "valid_finished_fraction": _share(valid[scores.finished]),
+        "valid_documents": int(valid.sum()),
+        "valid_prefix_share": float(scores.prefix_share.mean()) if valid.size else None,
+        "source_nll": float(nll.mean()) if nll.size else None,
+        "source_nll_per_word": float(nll.sum() / scores.words[valid].sum()) if nll.size else None,
+        "tail_threshold": threshold,
+        "tail_fraction": _share(nll > threshold),
+    }
