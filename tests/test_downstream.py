@@ -425,43 +425,6 @@ def test_scores_on_known_predictions():
     assert perfect["accuracy"] == perfect["f1_weighted"] == perfect["mcc"] == 1.0
 
 
-# --- end to end: a task's data error stops the run, exit 2, nothing lost ----------------------
-
-
-@pytest.mark.slow
-def test_a_missing_column_stops_the_run_with_exit_2_and_loses_nothing(downstream_run, tmp_path):
-    root = tmp_path / "artifacts"
-    shutil.copytree(downstream_run.store.run_dir, root / "ds")
-    glue = _glue_like(tmp_path / "glue")
-    data = yaml.safe_load((root / "ds" / "config.yaml").read_text())
-    data["run"].update(artifact_root=str(root), run_id="ds")
-    data["eval"]["downstream"].update(
-        tasks=["word_order", "sst2"],
-        task_table={
-            **data["eval"]["downstream"]["task_table"],
-            "sst2": {"dataset": str(glue), "text": ["txt"]},
-        },
-    )
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(data))
-    manifests = {g: (root / "ds" / f"gen-00{g}" / "manifest.json").read_text() for g in (0, 1)}
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    proc = collapse_cli(home, "run", str(config))
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert "task 'sst2': split 'train' has no column(s) ['txt']" in proc.stderr
-    assert "sentence, label, idx" in proc.stderr
-    after = json.loads((root / "ds" / "gen-000" / "manifest.json").read_text())["stages"]
-    before = json.loads(manifests[0])["stages"]
-    assert after[STAGE] == before[STAGE] and after["corpus"] == before["corpus"]
-    # Generation 1's chain may go on beside the failing evaluation (pipelined runs): its
-    # finished training is kept, not recomputed.
-    trained = json.loads(manifests[1])["stages"]["train"]
-    stages_1 = json.loads((root / "ds" / "gen-001" / "manifest.json").read_text())["stages"]
-    assert stages_1["train"] == trained
-
-
 def test_building_a_classifier_draws_nothing_from_the_global_rng():
     # A pipelined run fine-tunes generation n while generation n+1's model is built inside a
     # seeded block in another thread: a draw from the global generator here changed that
