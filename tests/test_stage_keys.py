@@ -198,3 +198,27 @@ def test_a_saved_config_from_before_a_key_existed_reads_as_the_run_had_it(tmp_pa
     ctx = open_run(store.run_dir)
     assert ctx.config.sample.precision == "fp32"
     assert run_id_for(ctx.config) == RUN_IDS["demo.yaml"]
+
+
+def test_an_edited_grammar_makes_a_new_synthetic_corpus_and_the_shipped_one_keeps_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import shutil
+
+    from collapse.corpus import synthetic
+
+    ctx = _context("demo.yaml", tmp_path / "run")
+    edited = tmp_path / "grammar"
+    shutil.copytree(synthetic.DEFAULT_GRAMMAR_DIR, edited)
+    rules = (edited / "grammar.yaml").read_text()
+    (edited / "grammar.yaml").write_text(rules.replace("Once upon a time,", "Once upon a time"))
+    monkeypatch.setattr(synthetic, "DEFAULT_GRAMMAR_DIR", edited)
+    # the stories come from the edited grammar now ...
+    assert synthetic.load_grammar().fingerprint == synthetic.grammar_fingerprint()
+    # ... so the corpus is recomputed (before, its key ignored the grammar and kept the old
+    # stories), and so is what scores corpora against the grammar
+    for key in ("0/corpus", "0/eval.source_fit", "1/eval.source_fit"):
+        gen, stage = key.split("/")
+        assert stage_key(ctx, int(gen), stage) != (DEMO_KEYS | ADDED_KEYS)[key], key
+    monkeypatch.undo()
+    assert stage_key(ctx, 0, "corpus") == DEMO_KEYS["0/corpus"]

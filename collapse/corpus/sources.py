@@ -78,14 +78,15 @@ def _local(cfg: Any) -> Dataset:
 def _synthetic(cfg: Any, seed: int) -> Dataset:
     from datasets.table import InMemoryTable
 
-    from collapse.corpus.synthetic import generate_stories
+    from collapse.corpus.synthetic import generate_stories, grammar_fingerprint
 
     table = InMemoryTable.from_pydict({"text": generate_stories(cfg.num_stories, seed)})
-    # The stories are a function of (count, seed): that is their fingerprint. Without one,
+    grammar = grammar_fingerprint()[:16]
+    # The stories are a function of (grammar, count, seed): that is their fingerprint. Without one,
     # `datasets` fingerprints the table by pickling it, and dill finds a pickled function's
     # globals by disassembling it into a redirected stdout, which Prefect's log_prints logs
     # instead, line by line, in every corpus stage.
-    return Dataset(table, fingerprint=f"collapse-synthetic-{cfg.num_stories}-{seed}")
+    return Dataset(table, fingerprint=f"collapse-synthetic-{grammar}-{cfg.num_stories}-{seed}")
 
 
 def _non_empty(ds: Dataset, column: str, source: str) -> Dataset:

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_GRAMMAR_DIR",
     "StoryGrammar",
     "generate_stories",
+    "grammar_fingerprint",
     "load_grammar",
     "story_log_prob",
 ]
@@ -89,6 +90,11 @@ def load_grammar(path: Path | None = None) -> StoryGrammar:
         vocabulary=automaton.vocabulary,
         automaton=automaton,
     )
+
+
+def grammar_fingerprint(path: Path | None = None) -> str:
+    """The sha256 fingerprint `load_grammar(path)` records, read without compiling."""
+    return read_spec(Path(path) if path is not None else DEFAULT_GRAMMAR_DIR)[1]
 
 
 def generate_stories(n: int, seed: int, grammar: StoryGrammar | None = None) -> list[str]:

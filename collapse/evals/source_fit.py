@@ -17,13 +17,8 @@ from typing import Any
 from pydantic import Field
 
 from collapse.context import Context, corpus_digest, corpus_shards, read_result, stage_record
-from collapse.errors import UserError
 from collapse.evals.base import Column, Evaluation, Figure
 from collapse.sections import PositiveInt, Section
-
-
-class SourceMismatch(UserError):
-    """The human corpus is not one the current grammar can have written."""
 
 
 class SourceFitConfig(Section):
@@ -41,24 +36,17 @@ class SourceFitConfig(Section):
     )
 
 
-def _grammar_fingerprint() -> str:
-    from collapse.corpus.grammar import read_spec
-    from collapse.corpus.synthetic import DEFAULT_GRAMMAR_DIR
-
-    return read_spec(DEFAULT_GRAMMAR_DIR)[1]  # what load_grammar records, without compiling
-
-
 def _key(ctx: Context, gen: int) -> list[Any]:
+    from collapse.corpus.synthetic import grammar_fingerprint
+
     fit = ctx.config.eval.source_fit
     # Later generations are read against generation 0's tail threshold: they key on its record.
     human = None if gen == 0 else stage_record(ctx, 0, "eval.source_fit")["digest"]
     settings = [fit.tail_quantile, fit.max_documents]
-    return [settings, _grammar_fingerprint(), corpus_digest(ctx, gen), human]
+    return [settings, grammar_fingerprint(), corpus_digest(ctx, gen), human]
 
 
 def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
-    import numpy as np
-
     from collapse.corpus.synthetic import load_grammar
     from collapse.metrics.source_fit import fit_summary, source_scores, tail_threshold
 
@@ -66,18 +54,6 @@ def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
     grammar = load_grammar()
     scores = source_scores(corpus_shards(ctx, gen), grammar, fit.max_documents)
     if gen == 0:
-        written = np.isfinite(scores.log_probs)
-        if not written.all():
-            # The corpus stage's key predates grammar fingerprints: an edited grammar leaves
-            # the human corpus of the old one in place, which the new one cannot score.
-            recorded = stage_record(ctx, 0, "corpus")["info"].get("grammar", "unrecorded")
-            raise SourceMismatch(
-                f"eval.source_fit: {int((~written).sum())} of {written.size} human stories are "
-                f"not ones the current grammar ({grammar.version}, data fingerprint "
-                f"{grammar.fingerprint[:12]}) can write: it was edited after the corpus was "
-                f"made (the corpus stage recorded {recorded}). Recompute the corpus under it "
-                "with --from-generation 0, or restore the grammar the corpus was made with"
-            )
         threshold = tail_threshold(scores.log_probs, fit.tail_quantile)
     else:
         human = read_result(ctx, 0, "source_fit")
