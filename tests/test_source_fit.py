@@ -92,11 +92,13 @@ def test_texts_the_source_cannot_write_and_unfinished_stories_are_counted_apart(
     finished = [True] * 8 + [False] * 2
     scores = source_scores(_corpus(tmp_path / "c", texts, finished), grammar)
     assert np.isfinite(scores.log_probs).tolist() == [True] * 6 + [False] * 4
-    # the valid prefix ends where an emission of the source ends, before the departure
+    # the valid prefix ends at the last word boundary before the departure (or where one of
+    # the source's multi-word choices ends): within a few words of it
     written = (scores.prefix_share * [len(t) for t in texts]).round().astype(int)
     assert written[:6].tolist() == [len(t) for t in texts[:6]]
     assert written[7] == len(human[7]) and written[9] <= len(human[9]) - 1
-    assert 0 < written[6] <= wrong_at and 0 < written[8] <= len(human[8]) // 2
+    assert wrong_at - 20 <= written[6] <= wrong_at + 1  # the space before "zxqv" is the source's
+    assert len(human[8]) // 2 - 20 <= written[8] <= len(human[8]) // 2
     fit = fit_summary(scores, threshold=math.inf)
     assert fit["valid_fraction"] == 0.6 and fit["valid_finished_fraction"] == 0.75
     assert fit["valid_documents"] == 6 and fit["tail_fraction"] == 0.0

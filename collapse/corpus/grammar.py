@@ -453,8 +453,9 @@ class Automaton:
         """The forward algorithm over `text`: (log P(text), the longest valid prefix).
 
         The prefix is the most characters of `text` that some partial derivation emits, so
-        `text[:n]` begins a story the grammar can write (cut where one emission ends and the
-        next starts); n == len(text) for every text with a finite log probability.
+        `text[:n]` begins a story the grammar can write: cut at a word boundary inside the
+        grammar's fixed text, or where one of its choices (a word, a name) ends. n == len(text)
+        for every text with a finite log probability.
         """
         edges_of, rank, tables, ents = self.edges, self.rank, self.tables, self.entities
         # pending[pos][(state, registers)] = log prob of emitting text[:pos] and being there.
@@ -476,7 +477,7 @@ class Automaton:
         while positions:
             pos = heapq.heappop(positions)
             layer = pending.pop(pos)
-            reached = pos  # positions pop in increasing order
+            reached = max(reached, pos)
             # Epsilon edges stay at pos but always lead to a later rank; popping in rank order
             # finishes every key's sum before its edges are followed.
             counter = itertools.count()
@@ -495,6 +496,8 @@ class Automaton:
                     if kind == LIT:
                         if text.startswith(payload, pos):
                             advance(pos + len(payload), (target, regs), lp)
+                        else:
+                            reached = max(reached, pos + _words_matched(payload, text, pos))
                     elif kind == SLOT:
                         table = tables[payload]
                         for i in table.matches(text, pos):
@@ -510,6 +513,18 @@ class Automaton:
                             layer[new_key] = lp
                             heapq.heappush(queue, (rank[target], next(counter), new_key))
         return total, reached
+
+
+def _words_matched(literal: str, text: str, pos: int) -> int:
+    """How many characters of `literal` text[pos:] repeats, in whole words: up to the end of
+    the last space or punctuation mark before they differ (0 when none)."""
+    n = 0
+    limit = min(len(literal), len(text) - pos)
+    while n < limit and literal[n] == text[pos + n]:
+        n += 1
+    while n > 0 and literal[n - 1].isalnum():
+        n -= 1
+    return n
 
 
 def _entity_steps(

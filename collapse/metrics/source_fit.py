@@ -7,11 +7,12 @@ the truth rather than against a sample of it:
 - the share of documents the source could have written at all (p(x) > 0), among all
   documents and among those that ended with EOS (a story cut at `max_new_tokens` is not one the
   source would write, whatever its words);
-- the valid prefix share: how much of a document (in characters, up to where one of the
-  source's emissions ends) the source could have written before the document departs from
-  every story it can write: a misspelt word, a word it never uses there, a hero whose name
-  changes, a pronoun that does not match. It is graded where validity is all or nothing, so
-  it still tells generations of a small model apart when none of their stories is valid;
+- the valid prefix share: how much of a document (in characters, to the last word boundary,
+  or the end of a multi-word choice such as a place name) the source could have written
+  before the document departs from every story it can write: a misspelt word, a word it never
+  uses there, a hero whose name changes, a pronoun that does not match. It is graded where
+  validity is all or nothing, so it still tells generations of a small model apart when none
+  of their stories is valid;
 - the source's negative log-likelihood -log p(x) of the valid ones (nats per story and per
   word): a corpus drawn from the source itself averages the source's entropy;
 - the tail share: valid stories less likely than the human corpus's `tail_quantile`, i.e. with
