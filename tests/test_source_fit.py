@@ -16,6 +16,7 @@ from collapse.corpus.synthetic import generate_stories, load_grammar
 from collapse.metrics.source_fit import (
     SourceScores,
     fit_summary,
+    perplexity_floor,
     source_scores,
     tail_threshold,
 )
@@ -66,6 +67,11 @@ def test_the_source_own_stories_fit_it_exactly(tmp_path, grammar, human):
     assert abs(fit["tail_fraction"] - 0.1) <= 1 / 400
     capped = source_scores(_corpus(tmp_path / "d", human), grammar, max_documents=160)
     assert capped.log_probs.tolist() == expected[:160]
+    # one token per story here, and its closing EOS: two scored tokens a story
+    floor = perplexity_floor(_corpus(tmp_path / "e", human), grammar)
+    per_token = -sum(expected) / (2 * 400)
+    assert floor["validation_source_nll_per_token"] == pytest.approx(per_token, rel=1e-12)
+    assert floor["validation_perplexity_floor"] == pytest.approx(math.exp(per_token), rel=1e-12)
 
 
 def _scores(log_probs: np.ndarray) -> SourceScores:
@@ -133,7 +139,10 @@ def test_the_stage_reads_each_generation_against_the_human_tail(tmp_path):
     data = tiny_config_dict(tmp_path / "unused.txt", tmp_path / "artifacts", generations=1)
     data["corpus"] = {"source": "synthetic", "num_stories": 120}
     data["sample"].update(num_sequences=40, shard_size=20)
-    data["eval"] = {"metrics": ["source_fit"], "source_fit": {"max_documents": 100}}
+    data["eval"] = {
+        "metrics": ["perplexity", "source_fit"],
+        "source_fit": {"max_documents": 100},
+    }
     config = Config.model_validate(data)
     ctx = Context(config, RunStore(config.run.artifact_root, "fit"), log=lambda _: None)
     freeze_config(ctx)
@@ -141,6 +150,13 @@ def test_the_stage_reads_each_generation_against_the_human_tail(tmp_path):
     for gen, stage in [(0, "corpus"), (0, "eval.source_fit"), (1, "train"), (1, "sample")]:
         run_stage(ctx, gen, stage)
     human = run_stage(ctx, 0, "eval.source_fit")["info"]
+    # no model does better than the source on its own stories (Gibbs): the floor is below
+    # generation 1's validation perplexity, and is what the tokenized validation set gives
+    floor = perplexity_floor([ctx.store.validation_path()], load_grammar())
+    assert human["validation_perplexity_floor"] == floor["validation_perplexity_floor"]
+    assert 1.0 < floor["validation_perplexity_floor"]
+    perplexity = run_stage(ctx, 1, "eval.perplexity")["info"]["perplexity"]
+    assert perplexity > human["validation_perplexity_floor"]
     assert human["valid_fraction"] == human["valid_prefix_share"] == 1.0
     assert human["documents"] == 100
     assert human["tail_quantile"] == 0.9 and human["grammar"] == load_grammar().version

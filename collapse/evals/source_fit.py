@@ -5,7 +5,8 @@ Only the built-in synthetic corpus has a source whose probabilities are known
 runs, where it measures collapse against the truth: how much of a generation's corpus the
 source could have written, how likely the source finds it, and whether its least likely
 stories (the tails) survive. See `collapse.metrics.source_fit` for the definitions. Generation
-0 scores the human corpus and sets the tail threshold that later generations are read against.
+0 scores the human corpus, sets the tail threshold that later generations are read against, and
+records the floor of the validation perplexity (the source's own NLL per token).
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from typing import Any
 
 from pydantic import Field
 
-from collapse.context import Context, corpus_digest, corpus_shards, read_result, stage_record
+from collapse.context import (
+    Context,
+    corpus_digest,
+    corpus_shards,
+    read_result,
+    stage_record,
+    validation_path,
+)
 from collapse.evals.base import Column, Evaluation, Figure
 from collapse.sections import PositiveInt, Section
 
@@ -48,13 +56,20 @@ def _key(ctx: Context, gen: int) -> list[Any]:
 
 def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
     from collapse.corpus.synthetic import load_grammar
-    from collapse.metrics.source_fit import fit_summary, source_scores, tail_threshold
+    from collapse.metrics.source_fit import (
+        fit_summary,
+        perplexity_floor,
+        source_scores,
+        tail_threshold,
+    )
 
     fit = ctx.config.eval.source_fit
     grammar = load_grammar()
     scores = source_scores(corpus_shards(ctx, gen), grammar, fit.max_documents)
+    floor: dict[str, float] = {}
     if gen == 0:
         threshold = tail_threshold(scores.log_probs, fit.tail_quantile)
+        floor = perplexity_floor([validation_path(ctx)], grammar)
     else:
         human = read_result(ctx, 0, "source_fit")
         if human is None:  # the pipeline runs generation 0's first: a missing one is a bug
@@ -64,6 +79,7 @@ def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
         **fit_summary(scores, threshold),
         "tail_quantile": fit.tail_quantile,
         "grammar": grammar.version,
+        **floor,
     }
     line = (
         f"gen {gen}: the source could write {result['valid_documents']} of "
@@ -74,6 +90,11 @@ def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
         line += (
             f"; valid ones: source NLL {result['source_nll']:.1f} nats a story, "
             f"{result['tail_fraction']:.3f} in the human tail"
+        )
+    if floor:
+        line += (
+            f"; validation perplexity floor {floor['validation_perplexity_floor']:.3f} (the "
+            "source's own)"
         )
     ctx.log(line)
     return result, []

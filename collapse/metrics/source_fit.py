@@ -18,11 +18,14 @@ the truth rather than against a sample of it:
 - the tail share: valid stories less likely than the human corpus's `tail_quantile`, i.e. with
   -log p(x) above that quantile of the human stories. The human corpus has 1 - tail_quantile
   of its stories there by construction; model collapse predicts the tails vanish first
-  (Shumailov et al.), which reads here as this share falling toward 0.
+  (Shumailov et al.), which reads here as this share falling toward 0;
+- and, once per run, the floor of the validation perplexity: the source's own NLL per token of
+  the validation stories, counted as the perplexity evaluation counts tokens.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,4 +121,28 @@ def fit_summary(scores: SourceScores, threshold: float) -> dict[str, Any]:
         "source_nll_per_word": float(nll.sum() / scores.words[valid].sum()) if nll.size else None,
         "tail_threshold": threshold,
         "tail_fraction": _share(nll > threshold),
+    }
+
+
+def perplexity_floor(paths: Sequence[Path], grammar: Any) -> dict[str, float]:
+    """The source's NLL per token of a tokenized set of its own stories (the validation set),
+    with tokens counted as the perplexity evaluation scores them: each document's tokens and
+    its closing EOS. By Gibbs' inequality no model has a lower expected NLL per token on the
+    source's stories, so exp of it is the floor of the validation perplexity (a finite
+    sample can dip a little below it).
+
+    Args:
+        paths: Parquet shards with the stories' `text` and `input_ids`.
+        grammar: the source (`collapse.corpus.synthetic.StoryGrammar`).
+    """
+    nll, tokens = 0.0, 0
+    for table in iter_tables(paths, ["text", "input_ids"]):
+        texts = table.column("text").to_pylist()
+        for text, ids in zip(texts, table.column("input_ids").to_pylist(), strict=True):
+            nll -= grammar.log_prob(text)
+            tokens += len(ids) + 1
+    per_token = nll / tokens
+    return {
+        "validation_source_nll_per_token": per_token,
+        "validation_perplexity_floor": math.exp(per_token),
     }
