@@ -238,8 +238,10 @@ def test_labels_outside_the_classes_are_refused(tmp_path):
         load_task("t", spec, lambda: [], seed=0)
 
 
-def test_labels_that_are_not_integers_are_refused(tmp_path):
-    (tmp_path / "t.jsonl").write_text('{"s": "x", "y": "positive"}\n')
+@pytest.mark.parametrize("label", ['"positive"', "0.6"])
+def test_labels_that_are_not_integers_are_refused(tmp_path, label: str):
+    # a class name, or a score (STS-B's similarity) that int() would silently truncate
+    (tmp_path / "t.jsonl").write_text(f'{{"s": "x", "y": 1.0}}\n{{"s": "z", "y": {label}}}\n')
     files = {"train": str(tmp_path / "t.jsonl"), "validation": str(tmp_path / "t.jsonl")}
     spec = task_spec(
         "t", {"t": {"source": "local", "data_files": files, "text": ["s"], "label": "y"}}

@@ -111,6 +111,13 @@ def _column_problem(name: str, spec: TaskSpec, split: str, columns: list[str]) -
     )
 
 
+def _class_index(value: Any) -> int:
+    index = int(value)
+    if isinstance(value, float) and value != index:  # int() would truncate a score (STS-B)
+        raise ValueError(f"{value!r} is not a whole number")
+    return index
+
+
 def _labels(name: str, spec: TaskSpec, split: str, values: Sequence[Any]) -> list[int]:
     """A split's label column as class indices.
 
@@ -119,7 +126,7 @@ def _labels(name: str, spec: TaskSpec, split: str, values: Sequence[Any]) -> lis
     """
     where = f"eval.downstream: task {name!r}: split {split!r}"
     try:
-        labels = [int(v) for v in values]
+        labels = [_class_index(v) for v in values]
     except (TypeError, ValueError) as exc:
         raise DownstreamTaskError(
             f"{where}: column {spec.label!r} holds labels that are not integers "
