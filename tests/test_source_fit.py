@@ -15,6 +15,7 @@ from collapse.corpus.parquet import write_shard
 from collapse.corpus.synthetic import generate_stories, load_grammar
 from collapse.metrics.source_fit import (
     SourceScores,
+    departure_kind,
     fit_summary,
     perplexity_floor,
     source_scores,
@@ -76,7 +77,7 @@ def test_the_source_own_stories_fit_it_exactly(tmp_path, grammar, human):
 
 def _scores(log_probs: np.ndarray) -> SourceScores:
     n = log_probs.size
-    return SourceScores(log_probs, np.ones(n), np.ones(n, bool), np.full(n, 100))
+    return SourceScores(log_probs, np.ones(n), np.ones(n, bool), np.full(n, 100), np.full(n, ""))
 
 
 def test_a_corpus_without_the_tails_reads_as_collapsed(grammar, human):
@@ -109,6 +110,13 @@ def test_texts_the_source_cannot_write_and_unfinished_stories_are_counted_apart(
     assert fit["valid_fraction"] == 0.6 and fit["valid_finished_fraction"] == 0.75
     assert fit["valid_documents"] == 6 and fit["tail_fraction"] == 0.0
     assert fit["valid_prefix_share"] == pytest.approx(scores.prefix_share.mean())
+    # two unknown words (the inserted one, the one after a whole story), two cut stories
+    assert fit["departures"] == {
+        "unfinished": 0.5,
+        "unknown_word": 0.5,
+        "misplaced_word": 0.0,
+        "punctuation": 0.0,
+    }
     assert 0.6 < fit["valid_prefix_share"] < 1.0
     rest = SourceScores(*(getattr(scores, f)[6:] for f in SourceScores.__dataclass_fields__))
     none = fit_summary(rest, threshold=50.0)
@@ -117,6 +125,26 @@ def test_texts_the_source_cannot_write_and_unfinished_stories_are_counted_apart(
     assert none["source_nll"] is None and none["tail_fraction"] is None
     with pytest.raises(ValueError, match="no document is one the source can produce"):
         tail_threshold(rest.log_probs, 0.9)
+
+
+def test_where_a_story_departs_from_the_source_is_classified(grammar, human):
+    boy = next(s for s in human if " boy named " in s)
+    name = boy.split(" boy named ")[1].split(".")[0]
+    cases = {
+        "misplaced_word": (boy.replace(f" named {name}", " named Layla", 1), True),  # a girl's
+        "unknown_word": (boy.replace(f" named {name}", " named Zxqv", 1), True),
+        "punctuation": (boy.replace(f" named {name}.", f" named {name}!!", 1), True),
+        # cut at max_new_tokens inside a word: the cut, not a wrong word
+        "unfinished": (boy[: boy.index(name) + 2], False),
+    }
+    for kind, (text, finished) in cases.items():
+        log_prob, reached = grammar.forward(text)
+        assert log_prob == -math.inf, kind
+        assert departure_kind(text, reached, finished, grammar.vocabulary) == kind, text[:80]
+    # a whole story that stops short of the source's ending is unfinished too, EOS or not
+    short = boy[: boy.index(". ") + 1]
+    reached = grammar.forward(short)[1]
+    assert departure_kind(short, reached, True, grammar.vocabulary) == "unfinished"
 
 
 def test_it_needs_the_synthetic_corpus(tmp_path):
@@ -172,3 +200,5 @@ def test_the_stage_reads_each_generation_against_the_human_tail(tmp_path):
     page = write_report([ctx.store.run_dir]).read_text()
     png = (ctx.store.run_dir / "figures" / "source-fit.png").read_bytes()
     assert png.startswith(b"\x89PNG") and "src-prefix" in page and "src-valid" in page
+    assert "Where stories depart from the source" in page  # generation 1's 40 departures
+    assert sum(model["departures"].values()) == pytest.approx(1.0)

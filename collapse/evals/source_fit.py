@@ -11,6 +11,7 @@ records the floor of the validation perplexity (the source's own NLL per token).
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from collapse.context import (
 )
 from collapse.evals.base import Column, Evaluation, Figure
 from collapse.sections import PositiveInt, Section
+
+NAME = "source_fit"
 
 
 class SourceFitConfig(Section):
@@ -71,7 +74,7 @@ def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
         threshold = tail_threshold(scores.log_probs, fit.tail_quantile)
         floor = perplexity_floor([validation_path(ctx)], grammar)
     else:
-        human = read_result(ctx, 0, "source_fit")
+        human = read_result(ctx, 0, NAME)
         if human is None:  # the pipeline runs generation 0's first: a missing one is a bug
             raise RuntimeError("generation 0 has no source_fit result to read the tails against")
         threshold = human["tail_threshold"]
@@ -86,6 +89,10 @@ def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
         f"{result['documents']} documents, and {result['valid_prefix_share']:.1%} of their text "
         "before they depart from it"
     )
+    departed = {k: v for k, v in result["departures"].items() if v}
+    if departed:
+        shares = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in departed.items())
+        line += f" (where they depart: {shares})"
     if result["source_nll"] is not None:
         line += (
             f"; valid ones: source NLL {result['source_nll']:.1f} nats a story, "
@@ -146,8 +153,37 @@ def _figure(runs: Sequence[Any]) -> bytes | None:
     return png(fig)
 
 
+def _section(run: Any) -> str | None:
+    """Per generation: where the stories the source could not write depart from it."""
+    from collapse.metrics.source_fit import DEPARTURES
+
+    results = {r["generation"]: read_result(run.context, r["generation"], NAME) for r in run.rows}
+    rows = []
+    for gen, result in results.items():
+        if not result or result.get("valid_documents") == result.get("documents"):
+            continue
+        shares = result["departures"]
+        invalid = result["documents"] - result["valid_documents"]
+        cells = [str(gen), f"{invalid} of {result['documents']}"]
+        cells += [f"{shares[kind]:.3f}" for kind in DEPARTURES]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    if not rows:
+        return None
+    head = ["gen", "not the source's", *(kind.replace("_", " ") for kind in DEPARTURES)]
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return (
+        "<h3>Where stories depart from the source</h3>"
+        "<p>Of the stories the source (the grammar that wrote the human corpus) could not have "
+        "written, the share by what comes where their valid prefix ends: nothing but the end "
+        "(the story stopped early, or was cut at max_new_tokens), a word the source never uses, "
+        "a word it uses but not there (grammar, a name that does not go with the hero, a "
+        "pronoun that does not agree), or punctuation.</p>"
+        f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
 EVALUATION = Evaluation(
-    name="source_fit",
+    name=NAME,
     description="Fit to the known synthetic source: share of stories it could write, share of "
     "text before a story departs from it, source NLL, share in the human corpus's tail "
     "(synthetic corpora only).",
@@ -166,5 +202,6 @@ EVALUATION = Evaluation(
         Column("source_nll_per_word", "source_nll_per_word", "src-NLL/w", ".3f"),
     ),
     figures=(Figure("source-fit", _figure),),
+    report_section=_section,
     check=_check,
 )

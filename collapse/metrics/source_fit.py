@@ -26,6 +26,7 @@ the truth rather than against a sample of it:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from collapse.corpus.parquet import iter_tables
+
+_WORD = re.compile(r"[A-Za-z]+")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,38 @@ class SourceScores:
     prefix_share: np.ndarray  # share of its characters in the longest prefix the source writes
     finished: np.ndarray  # ended with EOS
     words: np.ndarray  # whitespace-separated words
+    departures: np.ndarray  # `departure_kind` of each invalid text, "" for a valid one
+
+
+# Why a text departs from the source, where its valid prefix ends (`departure_kind`).
+DEPARTURES = ("unfinished", "unknown_word", "misplaced_word", "punctuation")
+
+
+def departure_kind(text: str, reached: int, finished: bool, vocabulary: frozenset[str]) -> str:
+    """Why a text the source cannot write departs from it at `reached` (its valid prefix).
+
+    - unfinished: all of it begins a source story: it ended before the source would end it,
+      or it was cut at max_new_tokens (then its last word may be cut too, so a departure in the
+      last word of a text that did not end with EOS counts here);
+    - unknown_word: the word there is one the source never uses (a non-word, a new name);
+    - misplaced_word: a word the source uses, but not there: broken grammar, a name that does
+      not go with the hero (the source draws girls' names for girls), a pronoun that does not
+      agree;
+    - punctuation: anything else (punctuation, quotes, spacing).
+
+    Args:
+        text: the text.
+        reached: the length of its valid prefix (`StoryGrammar.forward`).
+        finished: whether it ended with EOS.
+        vocabulary: the lower-case words the source uses (`StoryGrammar.vocabulary`).
+    """
+    rest = text[reached:].lstrip()
+    if not rest or (not finished and not any(c.isspace() for c in rest)):
+        return "unfinished"
+    word = _WORD.match(rest)
+    if word is None:
+        return "punctuation"
+    return "misplaced_word" if word.group().lower() in vocabulary else "unknown_word"
 
 
 def source_scores(
@@ -60,6 +95,7 @@ def source_scores(
     prefix: list[float] = []
     finished: list[bool] = []
     words: list[int] = []
+    departures: list[str] = []
     cap = np.inf if max_documents is None else max_documents
     for table in iter_tables(paths, ["text", "finished"]):
         texts = table.column("text").to_pylist()
@@ -72,6 +108,9 @@ def source_scores(
             prefix.append(reached / len(text) if text else 0.0)
             finished.append(bool(ended))
             words.append(len(text.split()))
+            valid = np.isfinite(log_prob)
+            kind = "" if valid else departure_kind(text, reached, ended, grammar.vocabulary)
+            departures.append(kind)
         if len(log_probs) >= cap:
             break
     return SourceScores(
@@ -79,6 +118,7 @@ def source_scores(
         np.asarray(prefix, np.float64),
         np.asarray(finished, bool),
         np.asarray(words, np.int64),
+        np.asarray(departures, dtype=object),
     )
 
 
@@ -121,6 +161,8 @@ def fit_summary(scores: SourceScores, threshold: float) -> dict[str, Any]:
         "source_nll_per_word": float(nll.sum() / scores.words[valid].sum()) if nll.size else None,
         "tail_threshold": threshold,
         "tail_fraction": _share(nll > threshold),
+        # among the stories the source could not write: where each departs from it
+        "departures": {kind: _share(scores.departures[~valid] == kind) for kind in DEPARTURES},
     }
 
 
