@@ -52,7 +52,7 @@ def _key(ctx: Context, gen: int) -> list[Any]:
 
     fit = ctx.config.eval.source_fit
     # Later generations are read against generation 0's tail threshold: they key on its record.
-    human = None if gen == 0 else stage_record(ctx, 0, "eval.source_fit")["digest"]
+    human = None if gen == 0 else stage_record(ctx, 0, f"eval.{NAME}")["digest"]
     settings = [fit.tail_quantile, fit.max_documents]
     return [settings, grammar_fingerprint(), corpus_digest(ctx, gen), human]
 
