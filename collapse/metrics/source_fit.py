@@ -25,9 +25,10 @@ the truth rather than against a sample of it:
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,12 @@ import numpy as np
 from collapse.corpus.parquet import iter_tables
 
 _WORD = re.compile(r"[A-Za-z]+")
+
+
+def _rows(paths: Sequence[Path], columns: list[str]) -> Iterator[tuple[Any, ...]]:
+    """Each document's values of `columns`, in order, one shard in memory at a time."""
+    for table in iter_tables(paths, columns):
+        yield from zip(*(table.column(c).to_pylist() for c in columns), strict=True)
 
 
 @dataclass(frozen=True)
@@ -96,23 +103,15 @@ def source_scores(
     finished: list[bool] = []
     words: list[int] = []
     departures: list[str] = []
-    cap = np.inf if max_documents is None else max_documents
-    for table in iter_tables(paths, ["text", "finished"]):
-        texts = table.column("text").to_pylist()
-        for text, ended in zip(texts, table.column("finished").to_pylist(), strict=True):
-            if len(log_probs) >= cap:
-                break
-            log_prob, reached = grammar.forward(text)
-            log_probs.append(log_prob)
-            # an empty document (EOS first) is no story: none of it counts as written
-            prefix.append(reached / len(text) if text else 0.0)
-            finished.append(bool(ended))
-            words.append(len(text.split()))
-            valid = np.isfinite(log_prob)
-            kind = "" if valid else departure_kind(text, reached, ended, grammar.vocabulary)
-            departures.append(kind)
-        if len(log_probs) >= cap:
-            break
+    for text, ended in itertools.islice(_rows(paths, ["text", "finished"]), max_documents):
+        log_prob, reached = grammar.forward(text)
+        log_probs.append(log_prob)
+        # an empty document (EOS first) is no story: none of it counts as written
+        prefix.append(reached / len(text) if text else 0.0)
+        finished.append(bool(ended))
+        words.append(len(text.split()))
+        valid = math.isfinite(log_prob)
+        departures.append("" if valid else departure_kind(text, reached, ended, grammar.vocabulary))
     return SourceScores(
         np.asarray(log_probs, np.float64),
         np.asarray(prefix, np.float64),
@@ -178,11 +177,9 @@ def perplexity_floor(paths: Sequence[Path], grammar: Any) -> dict[str, float]:
         grammar: the source (`collapse.corpus.synthetic.StoryGrammar`).
     """
     nll, tokens = 0.0, 0
-    for table in iter_tables(paths, ["text", "input_ids"]):
-        texts = table.column("text").to_pylist()
-        for text, ids in zip(texts, table.column("input_ids").to_pylist(), strict=True):
-            nll -= grammar.log_prob(text)
-            tokens += len(ids) + 1
+    for text, ids in _rows(paths, ["text", "input_ids"]):
+        nll -= grammar.log_prob(text)
+        tokens += len(ids) + 1
     per_token = nll / tokens
     return {
         "validation_source_nll_per_token": per_token,
