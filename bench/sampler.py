@@ -15,6 +15,7 @@ import argparse
 import time
 
 import torch
+from throughput import DEMO
 from timing import sync
 
 from collapse.config import ModelConfig
@@ -28,15 +29,7 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
     # the two sampling loops (the fast model's continuous batching is bench/throughput.py's)
     if args.preset:
         return ModelConfig(preset=args.preset, implementation="transformers")
-    # configs/demo.yaml's model
-    return ModelConfig(
-        num_layers=2,
-        hidden_size=64,
-        num_heads=4,
-        max_position_embeddings=512,
-        window_size=128,
-        implementation="transformers",
-    )
+    return DEMO.model_copy(update={"implementation": "transformers"})  # configs/demo.yaml's
 
 
 def run_ours(model, args, device, bos: int, eos: int) -> int:
