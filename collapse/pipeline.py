@@ -18,8 +18,15 @@ from collapse.config import config_to_dict
 from collapse.context import Context
 from collapse.evals import Column, Evaluation, column_value, evaluation, registry, split_stage
 from collapse.faults import delay_point
+from collapse.regimes import REGIMES
 from collapse.stages import CHAIN, ChainStage, chain_stage
-from collapse.store import StorageFullError, atomic_write_json, sha256_json, storage_full
+from collapse.store import (
+    StorageFullError,
+    atomic_write_json,
+    format_bytes,
+    sha256_json,
+    storage_full,
+)
 
 
 def stage_entry(stage: str) -> ChainStage | Evaluation:
@@ -104,7 +111,7 @@ def run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
         StorageFullError: the disk filled up; the error names this generation and stage.
     """
     try:
-        return _run_stage(ctx, gen, stage)
+        made = _run_stage(ctx, gen, stage)
     except OSError as exc:  # a write outside the atomic helpers, e.g. an appended log
         full = storage_full(exc, Path(exc.filename or ctx.store.run_dir), errno_only=True)
         if full is None:
@@ -115,6 +122,68 @@ def run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
         # The failed write knows its filesystem; only here is it known which stage it served.
         exc.stage = f"generation {gen}, stage {stage}"
         raise
+    if not made["reused"]:
+        release_staged(ctx)
+    return made
+
+
+def release_staged(ctx: Context) -> int:
+    """Under a URL root, remove from this machine's staging copy the generations' models and
+    corpora that no stage still to run reads; the bytes freed.
+
+    The run lives at the URL, so these are cached copies (`RunStore.release_local`); without
+    this, a worker that trains 40 generations of the 33M model keeps ~25 GB. A generation
+    g >= 1's model (and training statistics) is read by its own later stages only, so it goes
+    once every stage of generation g has a record; its corpus also feeds each later training
+    whose regime draws on it (generation g+1's under `replace`, every later one under
+    `accumulate`), so it goes once those have records too. Generation 0 (the human corpus,
+    validation set and tokenizer, read by every generation) stays. A later stage that does read
+    a released file after all (a recomputation, more generations) fetches it again.
+
+    Housekeeping: a failure here is logged, never raised (the stage it follows is done).
+    """
+    store = ctx.store
+    if store.remote is None:
+        return 0
+    try:
+        return _release_staged(ctx)
+    except Exception as exc:  # e.g. the store unreachable for a moment: the next stage retries
+        ctx.log(f"staging: could not release finished generations' files: {exc}")
+        return 0
+
+
+def _release_staged(ctx: Context) -> int:
+    store = ctx.store
+    last = ctx.config.run.generations
+    reads = REGIMES[ctx.config.train.regime].reads
+    manifests: dict[int, dict[str, Any]] = {}
+
+    def recorded(gen: int) -> dict[str, Any]:
+        if gen not in manifests:
+            manifests[gen] = store.read_manifest(gen)["stages"]
+        return manifests[gen]
+
+    staged = sorted(
+        int(folder.name[4:])
+        for folder in store.run_dir.glob("gen-*")
+        if folder.name[4:].isdigit() and int(folder.name[4:]) >= 1
+    )
+    freed = 0
+    for gen in staged:
+        # the chain stages whose main output (model, corpus) this machine holds a copy of
+        folders = {"train": store.model_dir(gen), "sample": store.corpus_dir(gen)}
+        held = [s for s, f in folders.items() if f.is_dir() and any(f.iterdir())]
+        if not held or any(s not in recorded(gen) for s in stages_of(ctx, gen)):
+            continue
+        readers = [h for h in range(gen + 1, last + 1) if gen in reads(h)]
+        corpus_read = any("train" not in recorded(h) for h in readers)
+        released = [s for s in held if not (s == "sample" and corpus_read)]
+        size = sum(store.release_local(list(recorded(gen)[s]["outputs"])) for s in released)
+        if size:
+            what = " and ".join({"train": "model", "sample": "corpus"}[s] for s in released)
+            ctx.log(f"staging: released generation {gen}'s {what} here ({format_bytes(size)})")
+        freed += size
+    return freed
 
 
 def _run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:

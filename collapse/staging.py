@@ -4,8 +4,9 @@ Under a URL artifact root every process works on a local copy of the run folder 
 `collapse.object_store.staging_root`); everything finished is published to the root, and
 mid-stage state (training checkpoints, sample shards) is mirrored there as it is written, so a
 copy no process is using is a cache: removing it loses nothing, and the next process that opens
-the run fetches what it reads again. Copies are never removed by themselves (a worker that
-trains 40 generations of the 33M model keeps ~25 GB), so `collapse staging --clean` does it.
+the run fetches what it reads again. A live copy sheds each generation's model and corpus once
+no stage still to run reads them (`collapse.pipeline.release_staged`); whole copies no process
+uses are removed by `collapse staging --clean`.
 
 "In use" is a shared flock on the copy's marker file `.staging`, taken for a `RunStore`'s life
 by every store that opens an existing copy, or that writes into one (a store that only reads the

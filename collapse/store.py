@@ -680,6 +680,33 @@ class RunStore:
             ) from None
         self._verified[local] = (digest, *_stamp(local))  # just checked: no second hashing
 
+    def release_local(self, outputs: list[str]) -> int:
+        """Remove this machine's copies of published outputs (run-relative paths); the bytes
+        freed.
+
+        Only under a URL root, where the run lives at the URL and the staging copy is a cache:
+        `pull` fetches a removed file again (checked against its record) should a stage read
+        it later. A no-op under a path root, where the run folder is the run itself.
+        """
+        if self.remote is None:
+            return 0
+        freed = 0
+        folders = set()
+        for rel in outputs:
+            path = self.run_dir / rel
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            freed += size
+            self._verified.pop(path, None)
+            folders.update(p for p in path.parents if self.run_dir in p.parents)
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty: something else lives there
+                folder.rmdir()
+        return freed
+
     def save_partial(self, path: Path) -> None:
         """Upload a mid-stage file (a training checkpoint, a finished sample shard and the
         sampler's progress), so that a stage killed here resumes from it on another machine.
@@ -796,12 +823,19 @@ class RunStore:
                 except CorruptArtifactError:
                     return None
             target = self.run_dir / rel
-            with atomic_path(target) as tmp:
-                tmp.unlink()
-                try:
-                    os.link(other.run_dir / rel, tmp)
-                except OSError:  # another filesystem, or links not allowed
-                    shutil.copyfile(other.run_dir / rel, tmp)
+            try:
+                with atomic_path(target) as tmp:
+                    tmp.unlink()
+                    try:
+                        os.link(other.run_dir / rel, tmp)
+                    except FileNotFoundError:
+                        raise
+                    except OSError:  # another filesystem, or links not allowed
+                        shutil.copyfile(other.run_dir / rel, tmp)
+            except FileNotFoundError:  # the other run's process released its copy meanwhile
+                for done in files:
+                    done.unlink(missing_ok=True)
+                return None
             if sha256_file(target) != digest:
                 for done in [*files, target]:
                     done.unlink(missing_ok=True)

@@ -700,6 +700,12 @@ def test_a_run_on_s3_killed_on_one_machine_resumes_on_another_and_equals_a_local
         assert _store_hashes(store, prefix) == output_hashes(reference, prefix)
     assert "report.html" in root.stored(store)
     assert not (tmp_path / "not-used").exists()
+    # Machine b kept no generation's model or corpus once no stage still to run read it;
+    # generation 0's files, read by every generation (the validation set here), stay.
+    kept = {p.relative_to(copy).parts[:2] for p in copy.rglob("*") if p.is_file()}
+    assert ("gen-000", "validation.parquet") in kept, kept
+    assert not kept & {(f"gen-00{g}", d) for g in (1, 2) for d in ("model", "corpus")}, kept
+    assert "staging: released generation 1's" in resumed.stderr
 
     monkeypatch.setenv(STAGING_ENV, str(tmp_path / "machine-c"))
     status = collapse(home, "status", run_id, "--root", root.root)

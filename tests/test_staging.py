@@ -111,3 +111,19 @@ def test_a_store_that_only_reads_the_url_leaves_no_copy_and_one_that_fetches_hol
     lister.pull(lister.model_dir(1))
     (copy,) = staging_copies(tmp_path / "staging")
     assert copy.in_use and not remove(copy)
+
+
+def test_a_released_output_leaves_the_copy_and_is_fetched_again_checked(url_root: str):
+    store = _finished_run(url_root)
+    (rel,) = store.read_record(1, "train")["outputs"]
+    assert store.release_local([rel]) == 5000
+    assert not store.gen_dir(1).exists()  # the folders it emptied go too
+    assert store.valid_record(1, "train", "k") is not None  # the run lives at the URL
+    assert (store.pull(store.model_dir(1)) / "weights").read_bytes() == b"w" * 5000
+
+
+def test_nothing_is_released_under_a_path_root(tmp_path: Path):
+    store = _finished_run(str(tmp_path / "artifacts"))  # the run folder is the run itself
+    (rel,) = store.read_record(1, "train")["outputs"]
+    assert store.release_local([rel]) == 0
+    assert (store.run_dir / rel).read_bytes() == b"w" * 5000
