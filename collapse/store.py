@@ -330,6 +330,10 @@ class LeaseLostError(UserError):
     """This process no longer holds the run's lease: another may have taken the run over."""
 
 
+class _MissingObject(Exception):
+    """A recorded output's object is not at the URL (inside `RunStore._fetch`)."""
+
+
 class CorruptArtifactError(UserError):
     """A published output that is missing or whose bytes differ from its record's sha256."""
 
@@ -657,8 +661,12 @@ class RunStore:
         concurrently(self._fetch, fetches)
         wanted = {self.run_dir / out for _, _, out, _ in fetches}
         if wanted and path.is_dir():
-            for stale in [p for p in path.rglob("*") if p.is_file() and p not in wanted]:
-                stale.unlink()
+            for stale in path.rglob("*"):
+                # Not another pull's download in flight (a temporary of `atomic_path`): two
+                # evaluations of one generation pull its corpus at once in a pipelined run.
+                if stale in wanted or _TEMPORARY.match(stale.name) or not stale.is_file():
+                    continue
+                stale.unlink(missing_ok=True)
         return path
 
     def _fetch(self, generation: int, stage: str, rel: str, digest: str) -> None:
@@ -667,12 +675,15 @@ class RunStore:
             return
         try:
             with atomic_path(local) as tmp:
-                self.remote.get(self._object(rel), tmp)
+                try:
+                    self.remote.get(self._object(rel), tmp)
+                except FileNotFoundError as exc:  # the object, not a local file: it is missing
+                    raise _MissingObject from exc
                 if sha256_file(tmp) != digest:
                     raise CorruptArtifactError("sha256 differs")
-        except (CorruptArtifactError, FileNotFoundError) as exc:
+        except (CorruptArtifactError, _MissingObject) as exc:
             self.drop_stage(generation, stage)
-            problem = "is missing" if isinstance(exc, FileNotFoundError) else "differs"
+            problem = "is missing" if isinstance(exc, _MissingObject) else "differs"
             raise CorruptArtifactError(
                 f"{self.remote.url_of(self._object(rel))} {problem} from what stage {stage} of "
                 f"generation {generation} recorded; that record is dropped, so running again "

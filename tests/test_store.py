@@ -113,6 +113,37 @@ def test_one_bad_file_among_many_fetched_at_once_fails_the_pull_and_keeps_the_ot
     assert not fine.exists() or fine.read_bytes() == bytes([16]) * 1000
 
 
+def test_a_pull_finishing_beside_another_leaves_its_download_in_flight_alone(
+    artifact_root: Root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Two evaluations of a generation pull its corpus into one staging copy at once (a
+    pipelined run): the one that finishes first must not take the other's download for a
+    stale file, or the other finds its file gone and drops a valid record."""
+    if artifact_root.kind == "path":
+        pytest.skip("a local root has no published copy: nothing is fetched")
+    store = artifact_root.store()
+    folder = store.corpus_dir(1)
+    for i in range(3):
+        atomic_write_bytes(folder / f"part-{i:05d}.parquet", bytes([i]) * 1000)
+    store.record_stage(1, "sample", "k", [folder])
+    first = RunStore(artifact_root.root, "run", staging=tmp_path / "machine")
+    second = RunStore(artifact_root.root, "run", staging=tmp_path / "machine")
+    get = ObjectRoot.get
+    overtaken = []
+
+    def get_then_overtaken(self: ObjectRoot, rel: str, local: Path) -> None:
+        get(self, rel, local)
+        if not overtaken:  # the second pull runs whole while the first has one file in flight
+            overtaken.append(rel)
+            second.pull(second.corpus_dir(1))
+
+    monkeypatch.setattr(ObjectRoot, "get", get_then_overtaken)
+    first.pull(first.corpus_dir(1))
+    assert overtaken and store.valid_record(1, "sample", "k") is not None
+    got = sorted(p.name for p in first.corpus_dir(1).iterdir())
+    assert got == [f"part-{i:05d}.parquet" for i in range(3)]
+
+
 def test_a_reader_elsewhere_gets_exactly_the_published_folder(artifact_root: Root, tmp_path: Path):
     store = artifact_root.store()
     folder = store.model_dir(1)
