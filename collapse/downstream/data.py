@@ -100,6 +100,18 @@ def local_folder(spec: TaskSpec) -> Path | None:
     return folder if spec.dataset and folder.is_dir() else None
 
 
+def task_files(spec: TaskSpec) -> dict[str, list[Path]] | None:
+    """The local files a task reads, by split (a local folder's as one group); None for a hub
+    id or a probe, which read none."""
+    from collapse.fingerprint import folder_files, matched
+
+    if spec.source == "local":
+        splits = dict.fromkeys((spec.train_split, spec.eval_split))
+        return {split: matched((spec.data_files or {})[split]) for split in splits}
+    folder = local_folder(spec) if spec.source == "hub" else None
+    return {"folder": folder_files(folder)} if folder is not None else None
+
+
 def _column_problem(name: str, spec: TaskSpec, split: str, columns: list[str]) -> str | None:
     missing = [c for c in [*spec.text, spec.label] if c not in columns]
     if not missing:

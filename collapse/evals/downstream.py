@@ -27,6 +27,7 @@ from collapse.context import (
     validation_path,
 )
 from collapse.evals.base import Column, Evaluation, Figure
+from collapse.fingerprint import RECORDED, files_digest, key_digest
 from collapse.sections import PositiveFloat, PositiveInt, Section
 
 PAPER_TASKS = ["imdb", "sst2", "yelp_polarity", "qqp", "qnli", "mrpc", "rte", "cola"]
@@ -110,6 +111,7 @@ def _applies(config: Any, gen: int) -> bool:
 
 
 def _key(ctx: Context, gen: int, task: str) -> list[Any]:
+    from collapse.downstream.data import task_files
     from collapse.models import resolve_model_fields
 
     cfg = ctx.config
@@ -120,10 +122,21 @@ def _key(ctx: Context, gen: int, task: str) -> list[Any]:
         model: Any = [resolve_model_fields(cfg.model), cfg.run.seed]
     else:
         model = stage_record(ctx, gen, "train")["digest"]
-    spec = _spec(cfg, task).model_dump(mode="json")
+    spec = _spec(cfg, task)
     # Generation 0's digest covers the tokenizer (which encodes every task) and the validation
     # stories (which the probes are built from).
-    return [spec, settings, cfg.train.precision, cfg.run.seed, model, corpus_digest(ctx, 0)]
+    parts = [
+        spec.model_dump(mode="json"),
+        settings,
+        cfg.train.precision,
+        cfg.run.seed,
+        model,
+        corpus_digest(ctx, 0),
+    ]
+    files = task_files(spec)
+    if files is not None:  # local data may be edited in place: its contents count
+        parts += key_digest(files, ctx.store.read_record(gen, f"{EVALUATION.stage}/{task}"))
+    return parts
 
 
 def _inputs(config: Any) -> list[str]:
@@ -142,7 +155,7 @@ def _stories(ctx: Context) -> list[str]:
 
 def _run(ctx: Context, gen: int, task: str) -> tuple[dict[str, Any], list[Path]]:
     from collapse.device import pick_device
-    from collapse.downstream.data import load_task
+    from collapse.downstream.data import load_task, task_files
     from collapse.downstream.finetune import SequenceClassifier, encode, fine_tune
     from collapse.models import context_length
     from collapse.seeding import derive_seed
@@ -194,6 +207,9 @@ def _run(ctx: Context, gen: int, task: str) -> tuple[dict[str, Any], list[Path]]
         "max_length": max_length,
         "eval_split": "probe" if spec.source == "probe" else spec.eval_split,
     }
+    files = task_files(spec)
+    if files is not None:
+        result[RECORDED] = files_digest(files)
     return result, []
 
 

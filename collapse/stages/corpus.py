@@ -7,6 +7,7 @@ from typing import Any
 
 from collapse.config import section_hash
 from collapse.context import Context
+from collapse.fingerprint import RECORDED, files_digest, key_digest
 from collapse.stages.base import ChainStage
 
 # The fingerprint of data/synthetic that every synthetic corpus was made from before the key
@@ -26,7 +27,13 @@ def _key(ctx: Context, gen: int) -> list[Any]:
         fingerprint = grammar_fingerprint()
         if fingerprint != SHIPPED_GRAMMAR:
             parts.append(fingerprint)
+    if cfg.corpus.source == "local":  # the file's contents: it may be edited in place
+        parts += key_digest(_local_files(cfg), ctx.store.read_record(gen, "corpus"))
     return parts
+
+
+def _local_files(cfg: Any) -> dict[str, list[Path]]:
+    return {"corpus": [Path(cfg.corpus.path).expanduser()]}
 
 
 def _run(ctx: Context, gen: int, key: str) -> tuple[list[Path], dict[str, Any]]:
@@ -68,6 +75,8 @@ def _run(ctx: Context, gen: int, key: str) -> tuple[list[Path], dict[str, Any]]:
         "vocab_size": len(tok),
         "tokenizer": cfg.tokenizer.name,
     }
+    if cfg.corpus.source == "local":
+        info[RECORDED] = files_digest(_local_files(cfg))
     if cfg.corpus.source == "synthetic":
         from collapse.corpus.synthetic import load_grammar
 
