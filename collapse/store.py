@@ -852,6 +852,21 @@ class RunStore:
                     done.unlink(missing_ok=True)
                 return None
             files.append(target)
+        # A chain stage's folders (a corpus, a model, the tokenizer: each one stage's alone, not
+        # `eval/`, which every evaluation shares) now hold exactly what it recorded, as a
+        # computed stage's do: files left there by an earlier computation (more corpus shards,
+        # under another `sample.shard_size`) would otherwise be read beside the adopted ones.
+        owned = {self.corpus_dir(0).name, self.model_dir(0).name, self.tokenizer_dir().name}
+        folders = {
+            self.run_dir.joinpath(*parts[:2])
+            for parts in (Path(rel).parts for rel in record["outputs"])
+            if len(parts) > 2 and parts[1] in owned
+        }
+        for folder in folders:
+            if folder.is_dir():
+                for stale in folder.rglob("*"):
+                    if stale.is_file() and stale not in files and not _TEMPORARY.match(stale.name):
+                        stale.unlink(missing_ok=True)
         return files
 
     def drop_stage(self, generation: int, stage: str) -> None:

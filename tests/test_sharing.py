@@ -63,3 +63,25 @@ def test_a_sibling_output_that_changed_is_not_taken(tmp_path: Path):
     assert "copied_from" not in records[(0, "corpus")]  # computed again, to the same digest
     # what depends only on that digest is still taken: its key is the same
     assert records[(0, "eval.entropy")]["copied_from"] == "first"
+
+
+def test_taking_a_siblings_corpus_leaves_no_shard_of_an_earlier_one(tmp_path: Path):
+    """Readers read a corpus folder's shards: one left from this run's own earlier computation
+    (another `sample.shard_size`) must not be read beside the sibling's."""
+    from collapse.store import RunStore, atomic_write_bytes
+
+    sibling, mine = RunStore(tmp_path, "sibling"), RunStore(tmp_path, "mine")
+    for i in range(2):
+        atomic_write_bytes(sibling.corpus_dir(0) / f"part-{i:05d}.parquet", bytes([i]) * 10)
+    record = sibling.record_stage(0, "corpus", "k", [sibling.corpus_dir(0)])
+    for i in range(3):  # this run's earlier corpus: three smaller shards
+        atomic_write_bytes(mine.corpus_dir(0) / f"part-{i:05d}.parquet", b"old")
+    files = mine.adopt_outputs(sibling, record)
+    assert sorted(p.name for p in mine.corpus_dir(0).iterdir()) == [p.name for p in files]
+    assert [p.read_bytes() for p in files] == [bytes([0]) * 10, bytes([1]) * 10]
+    # an evaluation's folder is every evaluation's: taking one leaves the others' results
+    atomic_write_bytes(sibling.eval_path(0, "entropy"), b"{}")
+    record = sibling.record_stage(0, "eval.entropy", "k", [sibling.eval_path(0, "entropy")])
+    atomic_write_bytes(mine.eval_path(0, "oov"), b"{}")
+    assert mine.adopt_outputs(sibling, record) == [mine.eval_path(0, "entropy")]
+    assert mine.eval_path(0, "oov").is_file()
