@@ -79,15 +79,25 @@ class _WeightedNLL(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        # fp16 ends at 6e-8: a non-target logit's gradient p/tokens (~5e-10 for a 50k vocabulary
+        # over a 40k-token micro-batch) would round to 0 in the cast to fp16. There the 1/tokens
+        # comes after the head's matmuls, in fp32, as a loss scale would have it; fp32 and bf16
+        # (fp32's range) keep the order whose numerics every earlier run has.
+        late = tokens if dtype == torch.float16 else 1
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             for start in range(0, tokens, chunk):
                 h = hidden[start : start + chunk].to(dtype)
                 logits = (h @ w.T).to(acc)
-                part, grad = gradient(logits, targets[start : start + chunk], tokens, weigh, dtype)
+                picked = targets[start : start + chunk]
+                part, grad = gradient(logits, picked, tokens // late, weigh, dtype)
                 total += part
-                grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)
-                grad_weight += (grad.T @ h).to(acc)
+                if late == 1:
+                    grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)
+                    grad_weight += (grad.T @ h).to(acc)
+                else:
+                    grad_hidden[start : start + chunk] = (grad @ w).to(acc) / late
+                    grad_weight += (grad.T @ h).to(acc) / late
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return -total / tokens
