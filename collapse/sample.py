@@ -145,7 +145,11 @@ def sample_batch(
     warpers = _warpers(temperature, top_k, top_p)
     start = torch.tensor([bos_id, *(prefix or [])], dtype=torch.long, device=device)
     input_ids = start.expand(batch_size, -1)
-    last, state = impl.prefill(model, input_ids)
+    if impl.slots:  # a cache for the positions this batch can reach, not the whole context
+        reach = min(input_ids.shape[1] + max_new_tokens, impl.context_length(model))
+        last, state = impl.prefill(model, input_ids, capacity=reach)
+    else:
+        last, state = impl.prefill(model, input_ids)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     steps: list[torch.Tensor] = []
     for _ in range(max_new_tokens):

@@ -114,9 +114,6 @@ def sample_stories(
     del logits
     graphed, graphs_note = None, "off"
     if cuda_graphs:
-        # eager steps first: every kernel and library a step uses is loaded before recording
-        for _ in range(check_every):
-            step()
         graphed, why = _graphed_steps(step, check_every, state, device)
         graphs_note = "on" if graphed is not None else f"off: {why}"
     if report is not None:
@@ -176,8 +173,14 @@ def _graphed_steps(
     grows on the host). Every buffer a step reads or writes is a tensor updated in place, so
     replaying the graph is `count` steps. Autocast's weight cache is off inside the graph (its
     casts are recorded and rerun, as PyTorch requires), and capture is thread-local, so other
-    threads (evaluations beside sampling) may use the GPU meanwhile. Nothing runs while
-    recording, so the state is as before; the host-side step count is restored.
+    threads (evaluations beside sampling) may use the GPU meanwhile.
+
+    First `count` real steps run eagerly on the stream that then records, so that every kernel,
+    library and per-stream workspace (cuBLAS's) a step uses exists before recording, outside
+    the graph's memory pool. Nothing runs while recording, so the state is as after those
+    steps; the host-side step count is restored. The count starts at 0 for the recording (the
+    static steps never read it, but a step checks it against the cache's capacity, which a
+    short `max_new_tokens` leaves little above `count` + the steps taken).
     """
     if device.type != "cuda":
         return None, f"{device.type} device"
@@ -185,13 +188,21 @@ def _graphed_steps(
         note = getattr(state, "attention_note", "")
         return None, "needs flash decode attention" + (f" ({note})" if note else "")
     amp = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(count):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
     span = state.span
+    state.span = 0
     state.static = True
     graph = torch.cuda.CUDAGraph()
     try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
+        # the outer stream context restores this thread's stream even if ending the capture
+        # fails inside the inner one's exit
         with (
+            torch.cuda.stream(side),
             torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"),
             torch.autocast(
                 "cuda", dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False
@@ -199,9 +210,10 @@ def _graphed_steps(
         ):
             for _ in range(count):
                 step()
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:
         state.static = False
         return None, f"capture failed: {cause_text(error)}"
     finally:
         state.span = span
+    torch.cuda.current_stream(device).wait_stream(side)
     return graph, ""

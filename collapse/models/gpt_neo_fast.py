@@ -327,11 +327,13 @@ def decode_attention(
 
 def flash_decode_fails(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> str:
     """Why `_flash_decode` cannot serve here ("" when it can), from one tiny call: a row whose
-    cache holds two slots, of which it may read one, valued 1 there and -1 in the other, so
-    the output is all ones only if the kernel runs and reads just the slots it is told."""
+    cache holds two slots, of which it may read one, valued 1 there and NaN in the other, so
+    the output is all ones only if the kernel runs and never touches the slots it is not told
+    to read (a kernel that read and masked them would give NaN: 0 x NaN; the real cache past a
+    row's length holds whatever an earlier story left, or never-written memory)."""
     keys = torch.zeros(1, 2, heads, head_dim, dtype=dtype, device=device)
     values = torch.ones_like(keys)
-    values[:, 1] = -1
+    values[:, 1] = float("nan")
     q = torch.ones(1, heads, head_dim, dtype=dtype, device=device)
     reads = _Reads(
         read=2,
