@@ -201,11 +201,40 @@ def _run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
         made = _copy_from_sibling(ctx, gen, stage, key)
     if made is None:
         made = {**_compute(ctx, gen, stage, key), "reused": False}
-    if chain_stage(stage) is not None and (
-        previous is None or previous.get("digest") != made["digest"]
-    ):
-        _drop_downstream(ctx, gen, stage)
+    if chain_stage(stage) is not None:
+        if previous is None:
+            # Its record was dropped before this run (an earlier recomputation killed midway,
+            # a damaged output fetched): what it was is unknown, so only the records whose
+            # keys its new digest no longer matches go, not every later generation.
+            _drop_stale_downstream(ctx, gen, stage)
+        elif previous.get("digest") != made["digest"]:
+            _drop_downstream(ctx, gen, stage)
     return made
+
+
+def _drop_stale_downstream(ctx: Context, gen: int, stage: str) -> None:
+    """Forget the records after (gen, stage) whose key their inputs no longer give."""
+    order = stages_of(ctx, gen)
+    later = [(gen, name) for name in order[order.index(stage) + 1 :]]
+    later += [
+        (g, name) for g in ctx.store.generations_on_disk() if g > gen for name in stages_of(ctx, g)
+    ]
+    dropped = set()
+    for g, name in later:
+        record = ctx.store.read_record(g, name)
+        if record is None:
+            continue
+        try:
+            stale = record.get("key") != stage_key(ctx, g, name)
+        except RuntimeError:  # a stage it reads has no record (dropped just now)
+            stale = True
+        if stale:
+            ctx.store.drop_stage(g, name)
+            dropped.add(g)
+    if dropped - {gen}:
+        ctx.log(
+            f"dropped records of generations {sorted(dropped - {gen})} (computed from stale inputs)"
+        )
 
 
 def _compute(ctx: Context, gen: int, stage: str, key: str) -> dict[str, Any]:

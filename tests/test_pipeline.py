@@ -88,6 +88,28 @@ def test_a_model_retrained_to_the_same_weights_recomputes_nothing_after_it(tiny_
     assert records[(2, "train")]["completed_at"] != before["completed_at"]
 
 
+def test_a_recomputation_killed_midway_still_keeps_what_its_output_left_valid(
+    tiny_run: Context, monkeypatch: pytest.MonkeyPatch
+):
+    """Killed while retraining a lost model, a run no longer knows the record it dropped; the
+    retraining that finishes next, to the same weights, must still leave generation 2 (whose
+    keys chain that digest) alone rather than recompute every later generation."""
+    import collapse.train
+
+    (tiny_run.store.model_dir(1) / "model.safetensors").unlink()
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(collapse.train, "train_model", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_all(tiny_run)
+    assert tiny_run.store.read_record(1, "train") is None
+    records = run_all(tiny_run)
+    assert sorted(k for k, r in records.items() if not r["reused"]) == [(1, "train")]
+
+
 def test_judge_grades_are_aggregated_per_generation(tiny_run: Context):
     for gen in (0, 1, 2):
         result = json.loads((tiny_run.store.gen_dir(gen) / "eval" / "judge.json").read_text())
