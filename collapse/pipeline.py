@@ -248,7 +248,10 @@ def _compute(ctx: Context, gen: int, stage: str, key: str) -> dict[str, Any]:
         info, extra = entry.run(ctx, gen) if part is None else entry.run(ctx, gen, part)
         name = entry.name if part is None else f"{entry.name}/{part}"
         outputs = [write_result(ctx, gen, name, info), *extra]
-    return ctx.store.record_stage(gen, stage, key, outputs, info)
+    record = ctx.store.record_stage(gen, stage, key, outputs, info)
+    if isinstance(entry, ChainStage) and entry.finish is not None:
+        entry.finish(ctx, gen)
+    return record
 
 
 def _copy_from_sibling(ctx: Context, gen: int, stage: str, key: str) -> dict[str, Any] | None:

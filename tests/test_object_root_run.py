@@ -123,3 +123,36 @@ def test_training_killed_on_one_machine_resumes_from_its_checkpoint_on_another(
     assert resumed["outputs"] == uninterrupted["outputs"]  # weights and statistics
     assert resumed["info"]["resumed_from_step"] > 0
     assert uninterrupted["info"]["resumed_from_step"] == 0
+
+
+def test_a_machine_killed_while_publishing_its_model_leaves_its_checkpoint_to_resume_from(
+    s3_endpoint: str, story_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Publishing a trained model takes a while under a URL root; a machine killed meanwhile
+    must not have thrown its checkpoint away already (else the next one trains from step 0)."""
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path / "staging"))
+    root = make_root("s3", tmp_path, s3_endpoint)
+    data = tiny_config_dict(story_file, root.root, generations=1)
+    data["eval"] = {"metrics": ["entropy"]}
+    config = validate_config(data)
+
+    def machine(name: str) -> Context:
+        return Context(config, RunStore(root.root, "run", staging=tmp_path / name), log=print)
+
+    first = machine("a")
+    freeze_config(first)
+    run_stage(first, 0, "corpus")
+    record = RunStore.record_stage
+
+    def killed_while_publishing(store: RunStore, generation: int, stage: str, *args, **kwargs):
+        if stage == "train":
+            raise KeyboardInterrupt
+        return record(store, generation, stage, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunStore, "record_stage", killed_while_publishing)
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(first, 1, "train")
+    resumed = run_stage(machine("b"), 1, "train")
+    assert resumed["info"]["resumed_from_step"] > 0
+    assert not [n for n in root.stored(first.store) if "train-state" in n]

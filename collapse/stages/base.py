@@ -31,6 +31,9 @@ class ChainStage:
         key_parts: the stage's inputs.
         run: `run(ctx, gen, key)` writes the outputs and returns (output paths, info); `key`
             guards mid-stage resume state (checkpoints, finished shards) made from other inputs.
+        finish: `finish(ctx, gen)` removes the mid-stage resume state once the stage's record
+            is written (before it, a kill still resumes from that state: under a URL root,
+            publishing a model takes a while), or None.
     """
 
     name: str
@@ -40,6 +43,7 @@ class ChainStage:
     human: bool
     key_parts: Callable[[Context, int], list[Any]]
     run: Callable[[Context, int, str], tuple[list[Path], dict[str, Any]]]
+    finish: Callable[[Context, int], None] | None = None
 
     def applies_to(self, gen: int) -> bool:
         """Whether this stage runs on generation `gen`."""

@@ -56,8 +56,13 @@ def _run(ctx: Context, gen: int, key: str) -> tuple[list[Path], dict[str, Any]]:
         log=ctx.log,
         saved=ctx.store.save_partial,
     )
-    ctx.store.discard_partial(progress_path)
+    # `sample_corpus` removed the progress file here (it is no output); the copy saved at a
+    # URL root goes once the record is (`_finish`), so a kill before then resumes from it
     return [corpus_dir], stats
+
+
+def _finish(ctx: Context, gen: int) -> None:
+    ctx.store.discard_partial(ctx.store.sample_progress_path(gen))
 
 
 STAGE = ChainStage(
@@ -68,4 +73,5 @@ STAGE = ChainStage(
     human=False,
     key_parts=_key,
     run=_run,
+    finish=_finish,
 )

@@ -119,12 +119,15 @@ def _run(ctx: Context, gen: int, key: str) -> tuple[list[Path], dict[str, Any]]:
     atomic_write_json(
         store.train_stats_path(gen), {k: v for k, v in stats.items() if k not in PROCESS_FACTS}
     )
-    store.discard_partial(store.train_state_dir(gen))
     info = {k: v for k, v in stats.items() if k != "losses"}
     info["parameters"] = parameters
     info["corpora"] = corpora
     ctx.log(f"gen {gen}: trained {stats['steps']} steps, final loss {stats['final_loss']:.4f}")
     return [store.model_dir(gen), store.train_stats_path(gen)], info
+
+
+def _finish(ctx: Context, gen: int) -> None:
+    ctx.store.discard_partial(ctx.store.train_state_dir(gen))
 
 
 STAGE = ChainStage(
@@ -135,4 +138,5 @@ STAGE = ChainStage(
     human=False,
     key_parts=_key,
     run=_run,
+    finish=_finish,
 )
