@@ -44,6 +44,19 @@ ADDED_KEYS = {  # source_fit, 2026-12-07
     "0/eval.source_fit": "336f60accb2fe976b759c4d338252e10d53ce1fbc6c0579281d0d1a88e62ace8",
     "1/eval.source_fit": "857320392a30cc4903c01b95ecd35ab56245edd18ae4992d13006ba4caf79d30",
     "2/eval.source_fit": "bed534a7ea6e9c013417951b255c4db38ccaac40dfdca7b4d64c5c90519f5aad",
+    # downstream, 2026-12-07, from when a task's description (words for tables) left its key
+    "0/eval.downstream/word_order": (
+        "7c630d17345f2ef77cf7110b107462f6542016d890b3d71795916d71990f7b6f"
+    ),
+    "0/eval.downstream/coherence": (
+        "e76179cc7c28a47f962a3fa958a78719e9d698a7af5d1fd617dd3a090cfde75d"
+    ),
+    "1/eval.downstream/word_order": (
+        "85c382ea7a8f51ace38bdee72ffb0c9b89831ecffd63ef38c7ec1b7149ef3935"
+    ),
+    "1/eval.downstream/coherence": (
+        "ce8c03a5d1c30e4f0b6b0be3629ac44b9dc066204db1e2653a4dec0eda1ffddd"
+    ),
 }
 RUN_IDS = {"demo.yaml": "demo-9af23572f8", "paper-33m.yaml": "paper-33m-a8eb729f88"}
 EARLIER = EARLIER_DEFAULTS

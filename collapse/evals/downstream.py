@@ -126,7 +126,7 @@ def _key(ctx: Context, gen: int, task: str) -> list[Any]:
     # Generation 0's digest covers the tokenizer (which encodes every task) and the validation
     # stories (which the probes are built from).
     parts = [
-        spec.model_dump(mode="json"),
+        spec.model_dump(mode="json", exclude={"description"}),  # words for tables only
         settings,
         cfg.train.precision,
         cfg.run.seed,
