@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU measurement issues #7 (throughput) and #8 (downstream timing) still need, in one go,
 # so that one `device` run (minutes) records them all. Each step runs under its own time limit
-# and its output goes to $OUT/<step>.txt and $OUT/gpu_check.log; a failed or timed-out step is
-# logged and the next one still runs.
+# (cut to what is left of GPU_CHECK_BUDGET_S, when set: a step with under 30 s left is skipped
+# and logged so); a failed or timed-out step is logged and the next one still runs.
+#
+# What comes back: a device call returns at most 8 files from $OUT and the last 12,000
+# characters of output. So $OUT holds two files: gpu_check.log (each step's command, exit code
+# and last 40 lines) and steps.tgz (every step's whole output, steps/<step>.txt), rewritten
+# after each step, so a call cut off at its limit still returns the steps it finished.
 #
 # Here, fill .whl/ (regex for transformers and xxhash for datasets: a venv holding only the
 # packages the GPU machine's README lists plus wheels.sh's lacked them; pytest and its
@@ -10,20 +15,25 @@
 # GPU_CHECK_SMOKE=1):
 #   ../shared/gpu/wheels.sh regex==2026.11.19 xxhash==4.1.0 pytest==9.2.0 pluggy==1.7.0 \
 #       iniconfig==2.3.1 pygments==2.21.0
-# then, in one `device` run with carry [".whl"], from the project root:
+# then, in one `device` run with carry [".whl"] and timeout_s 560, from the project root:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-#       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-#   OUT=$OUT bash bench/gpu_check.sh
-# Expected on an H100/H200: about 10 minutes (most of it transformers' `generate` on sample-33m).
-# Steps run in order of importance: if the device call's time runs out, the last ones are lost;
-# GPU_CHECK_ONLY="step step ..." runs just those (e.g. the lost ones, in a second call).
+#       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 \
+#       && GPU_CHECK_BUDGET_S=500 OUT=$OUT bash bench/gpu_check.sh
+# A session has ~15 minutes of device time, its cold start included, and one call at most 10:
+# the steps run in order of importance, and a second call (on the still-warm machine, at once)
+# runs those the log says were skipped or cut: GPU_CHECK_ONLY="step step ..." with the budget
+# that is left.
 # The same steps shrunk to minutes on a CPU (to try the script before spending GPU time):
 #   GPU_CHECK_SMOKE=1 OUT=/tmp/gpu-check bash bench/gpu_check.sh
 set -u
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 log=$out/gpu_check.log
+work=$(mktemp -d)
+mkdir -p "$work/steps"
 python=${PYTHON:-python3}
+budget=${GPU_CHECK_BUDGET_S:-0}
+started=$(date +%s)
 
 step() {  # step NAME LIMIT_S COMMAND...
     local name=$1 limit=$2
@@ -31,11 +41,21 @@ step() {  # step NAME LIMIT_S COMMAND...
     if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then
         return 0
     fi
+    if [ "$budget" -gt 0 ]; then
+        local left=$((budget - ($(date +%s) - started)))
+        if [ "$left" -lt 30 ]; then
+            echo "== $name: skipped: ${left}s of GPU_CHECK_BUDGET_S left" | tee -a "$log"
+            return 0
+        fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     echo "== $name: $* (limit ${limit}s, $(date -u +%FT%TZ))" | tee -a "$log"
-    timeout "$limit" "$@" >"$out/$name.txt" 2>&1
+    timeout "$limit" "$@" >"$work/steps/$name.txt" 2>&1
     local code=$?
-    grep -v -i "warn" "$out/$name.txt" | tee -a "$log"
-    echo "== $name: exit $code" | tee -a "$log"
+    grep -v -i "warn" "$work/steps/$name.txt" | tail -n 40 | tee -a "$log"
+    echo "== $name: exit $code$([ "$code" = 124 ] && echo " (cut at ${limit}s)")" | tee -a "$log"
+    tar czf "$work/steps.tgz" -C "$work" steps && mv "$work/steps.tgz" "$out/steps.tgz.part" &&
+        mv "$out/steps.tgz.part" "$out/steps.tgz"
 }
 
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
