@@ -53,10 +53,17 @@ _MANIFEST_THREAD_LOCKS: dict[Path, threading.Lock] = {}
 _MANIFEST_THREAD_LOCKS_GUARD = threading.Lock()
 
 
+# The leases this process holds, by run location: every store of a held run checks the lease
+# before it publishes, also those the run's tasks open for themselves (a Prefect task builds
+# its own context), not only the store that took it. A forked child holds none.
+_HELD_LEASES: dict[str, Lease] = {}
+
+
 def _fresh_manifest_locks_after_fork() -> None:
     global _MANIFEST_THREAD_LOCKS_GUARD
     _MANIFEST_THREAD_LOCKS.clear()
     _MANIFEST_THREAD_LOCKS_GUARD = threading.Lock()
+    _HELD_LEASES.clear()
 
 
 os.register_at_fork(after_in_child=_fresh_manifest_locks_after_fork)
@@ -741,10 +748,11 @@ class RunStore:
         Raises:
             LeaseLostError: the lease is no longer this process's for sure.
         """
-        if self._lease is not None and not self._lease.held():
+        lease = self._lease or _HELD_LEASES.get(self.location)
+        if lease is not None and not lease.held():
             raise LeaseLostError(
-                f"run {self.run_id}: this process lost the run's lease ({self._lease.url}: not "
-                f"renewed for {self._lease.ttl:.0f} s) and stopped before publishing {what}, as "
+                f"run {self.run_id}: this process lost the run's lease ({lease.url}: not "
+                f"renewed for {lease.ttl:.0f} s) and stopped before publishing {what}, as "
                 "another process may have taken the run over. Finished work is kept: run the "
                 "same command again (it resumes, or says which process has the run)."
             )
@@ -873,6 +881,7 @@ class RunStore:
         """Forget a stage (its outputs stay until overwritten)."""
         if self.remote is not None:
             gen_dir = self.gen_dir(generation).name
+            self._check_lease(f"the removal of generation {generation}'s {stage} record")
             self.remote.remove(self._object(record_rel(gen_dir, stage)))
             return
         with self.manifest_update(generation):
@@ -887,6 +896,8 @@ class RunStore:
             if gen >= generation and self.remote is not None:
                 gen_dir = self.gen_dir(gen).name
                 stages = stages_in(self.remote.sizes(self._object(f"{gen_dir}/records")))
+                if stages:
+                    self._check_lease(f"the removal of generation {gen}'s records")
                 for stage in stages:
                     self.remote.remove(self._object(record_rel(gen_dir, stage)))
                 if stages:
@@ -931,10 +942,12 @@ class RunStore:
                         f"run {self.run_id} is in use by another process: {exc}"
                     ) from None
                 self._lease = lease
+                _HELD_LEASES[self.location] = lease
                 try:
                     yield
                 finally:
                     self._lease = None
+                    _HELD_LEASES.pop(self.location, None)
                     lease.release()
             else:
                 yield

@@ -79,6 +79,12 @@ def test_a_process_that_lost_its_lease_stops_before_publishing(artifact_root: Ro
             store.record_stage(1, "train", "k", [folder])
         with pytest.raises(LeaseLostError, match="before publishing gen-001/model/weights"):
             store.save_partial(folder / "weights")
+        # a store of the run opened by one of its tasks (each builds its own) stops too
+        task = artifact_root.store()
+        with pytest.raises(LeaseLostError, match="before publishing generation 1, stage train"):
+            task.record_stage(1, "train", "k", [folder])
+        with pytest.raises(LeaseLostError, match="removal of generation 1's eval.entropy record"):
+            task.drop_stage(1, "eval.entropy")
     assert store.read_record(1, "train") is None
     assert store.read_record(1, "eval.entropy") is not None
     assert json.loads(artifact_root.stored(store)[".lease"])["holder"] == "elsewhere pid 1"
