@@ -347,9 +347,11 @@ def metrics_table(
     """
     last = ctx.config.run.generations if generations is None else generations
     rows = []
+    first: dict[str, Any] = {}  # generation 0's results, which combined columns may read
     for gen in range(0, last + 1):
         recorded = ctx.store.read_manifest(gen)["stages"]
         row: dict[str, Any] = {"generation": gen}
+        results = {}
         for m in ctx.config.eval.metrics:
             entry = evaluation(m)
             stages = recorded
@@ -360,9 +362,14 @@ def metrics_table(
                         record = valid_record(ctx, gen, stage) if stage in recorded else None
                         if record is not None:
                             stages[stage] = record
-            result = entry.result_of(stages, ctx.config)
-            for column in entry.columns_for(ctx.config):
-                row[column.key] = column_value(result, column.source)
+            results[m] = entry.result_of(stages, ctx.config)
+        first = first or results
+        for m in ctx.config.eval.metrics:
+            for column in evaluation(m).columns_for(ctx.config):
+                if column.combine is not None:
+                    row[column.key] = column.combine(results, first)
+                else:
+                    row[column.key] = column_value(results[m], column.source)
         expected = stages_of(ctx, gen)
         row["stages_done"] = sum(s in recorded for s in expected)
         row["stages_total"] = len(expected)

@@ -21,7 +21,7 @@ from collapse.metrics.source_fit import (
     source_scores,
     tail_threshold,
 )
-from collapse.pipeline import freeze_config, run_stage, stages_of
+from collapse.pipeline import freeze_config, metrics_table, run_stage, stages_of
 from collapse.report import write_report
 from collapse.store import RunStore
 
@@ -196,6 +196,13 @@ def test_the_stage_reads_each_generation_against_the_human_tail(tmp_path):
     assert 0.0 <= model["valid_prefix_share"] < 1.0
     assert model["source_nll"] is None and model["tail_threshold"] == human["tail_threshold"]
     assert run_stage(ctx, 1, "eval.source_fit")["reused"] is True
+    # the table's KL/tok: generation 1's validation NLL per token over the source's own
+    rows = metrics_table(ctx)
+    nll = ctx.store.read_record(1, "eval.perplexity")["info"]["nll"]
+    excess = nll - human["validation_source_nll_per_token"]
+    assert rows[0]["excess_nll"] is None and rows[1]["excess_nll"] == pytest.approx(excess)
+    assert excess == pytest.approx(math.log(perplexity / human["validation_perplexity_floor"]))
+    assert excess > 0
     # the report draws its figure and table columns from the records
     page = write_report([ctx.store.run_dir]).read_text()
     png = (ctx.store.run_dir / "figures" / "source-fit.png").read_bytes()

@@ -19,13 +19,20 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Column:
-    """One value of an evaluation shown in the per-generation table."""
+    """One value of an evaluation shown in the per-generation table.
+
+    Usually a key of the evaluation's result (`source`). A value made from several
+    evaluations' results (e.g. the validation NLL per token over the source's own) has
+    `combine` instead: (this generation's results, generation 0's results), each by
+    evaluation name, -> the value, or None where one it needs is missing.
+    """
 
     key: str  # column name in the metrics table
-    source: str  # key in the evaluation's result
+    source: str  # key in the evaluation's result ("" with `combine`)
     header: str  # short header for the terminal table
     fmt: str = ".3f"
     higher_is_better: bool | None = None  # None: neither (e.g. entropy rises then falls)
+    combine: Callable[[dict[str, Any], dict[str, Any]], Any] | None = None
 
 
 def column_value(result: dict[str, Any], source: str) -> Any:

@@ -30,6 +30,7 @@ from collapse.evals.base import Column, Evaluation, Figure
 from collapse.sections import PositiveInt, Section
 
 NAME = "source_fit"
+PERPLEXITY = "perplexity"  # the evaluation whose validation NLL `_excess_nll` reads
 
 
 class SourceFitConfig(Section):
@@ -105,6 +106,16 @@ def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
         )
     ctx.log(line)
     return result, []
+
+
+def _excess_nll(results: dict[str, Any], first: dict[str, Any]) -> float | None:
+    """The model's validation NLL per token (the perplexity evaluation's) over the source's own
+    on the same tokens (generation 0's floor): an estimate of KL(source || model) per token, in
+    nats. An upper one: the model's NLL is of the stories' tokenization, the source's of their
+    text. None where either is missing (no perplexity at generation 0, or not evaluated)."""
+    model = (results.get(PERPLEXITY) or {}).get("nll")
+    source = (first.get(NAME) or {}).get("validation_source_nll_per_token")
+    return None if model is None or source is None else model - source
 
 
 def _check(config: Any) -> list[str]:
@@ -200,6 +211,7 @@ EVALUATION = Evaluation(
         Column("source_prefix", "valid_prefix_share", "src-prefix", ".3f", True),
         Column("source_tail", "tail_fraction", "src-tail", ".3f"),
         Column("source_nll_per_word", "source_nll_per_word", "src-NLL/w", ".3f"),
+        Column("excess_nll", "", "KL/tok", ".3f", False, combine=_excess_nll),
     ),
     figures=(Figure("source-fit", _figure),),
     report_section=_section,
