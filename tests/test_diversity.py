@@ -96,7 +96,7 @@ def test_zipf_coefficient_of_power_laws():
     assert zipf_coefficient(1e6 / ranks) == pytest.approx(1.0, abs=1e-6)
     shuffled = np.random.default_rng(0).permutation(1e6 / ranks**2)
     assert zipf_coefficient(np.r_[shuffled, 0, 0]) == pytest.approx(2.0, abs=1e-6)
-    assert zipf_coefficient(np.array([5, 0])) == 0.0
+    assert zipf_coefficient(np.array([5, 0])) is None  # one type: no slope, not a slope of 0
 
 
 def test_self_bleu_hand_computed_cases():
@@ -114,7 +114,7 @@ def test_self_bleu_hand_computed_cases():
     # (and the reverse direction has the same precisions: one 7 matched, no bigram).
     clipped = (1 / 4 * eps / 3 * eps / 2 * eps / 1) ** 0.25
     assert self_bleu([[7, 7, 7, 7], [7, 8, 9, 10]]) == pytest.approx(clipped)
-    assert self_bleu([[1, 2, 3]]) == 0.0
+    assert self_bleu([[1, 2, 3]]) is None  # no other document to compare with
 
 
 def test_two_shards_equal_one_shard(tmp_path: Path):
@@ -147,3 +147,13 @@ def test_two_shards_equal_one_shard(tmp_path: Path):
     write_shard(two / shard_name(0), big[:25], [""] * 25, [True] * 25)
     write_shard(two / shard_name(1), big[25:], [""] * 35, [True] * 35)
     assert corpus_diversity(shard_paths(two), self_bleu_samples=20, seed=1) == pytest.approx(a)
+
+
+def test_what_a_corpus_cannot_define_is_missing_not_zero():
+    """A metric with nothing to measure is None (shown as "-", left out of sweep means), never a
+    0 that reads as a measurement: rep-4 of stories too short for a 4-gram is no "no
+    repetition"."""
+    flat = np.array([5, 5, 5], dtype=np.int64)
+    offsets = np.array([0, 3, 3])  # "5 5 5" and an empty story
+    assert rep_n(flat, offsets)[4] is None and distinct_n(flat, offsets)[4] is None
+    assert rep_n(flat, offsets)[1] == pytest.approx(2 / 3)

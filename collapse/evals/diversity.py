@@ -11,6 +11,7 @@ from pydantic import Field
 from collapse.context import Context, corpus_digest, corpus_shards
 from collapse.evals.base import Column, Evaluation, Figure
 from collapse.sections import Section
+from collapse.table import format_cell
 
 
 class DiversityEvalConfig(Section):
@@ -39,8 +40,9 @@ def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
         seed=derive_seed(ctx.config.run.seed, "self-bleu", gen),
     )
     ctx.log(
-        f"gen {gen}: distinct-{div.n_max} {result[f'distinct_{div.n_max}']:.3f}, "
-        f"rep-{div.n_max} {result[f'rep_{div.n_max}']:.3f}, self-BLEU {result['self_bleu']:.3f}"
+        f"gen {gen}: distinct-{div.n_max} {format_cell(result[f'distinct_{div.n_max}'], '.3f')}, "
+        f"rep-{div.n_max} {format_cell(result[f'rep_{div.n_max}'], '.3f')}, "
+        f"self-BLEU {format_cell(result['self_bleu'], '.3f')}"
     )
     return result, []
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from collapse.context import Context, corpus_digest, corpus_shards, load_run_tokenizer
 from collapse.evals.base import Column, Evaluation, Figure
+from collapse.table import format_cell
 
 
 def _key(ctx: Context, gen: int) -> list[Any]:
@@ -18,7 +19,7 @@ def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
     from collapse.metrics.entropy import corpus_entropy
 
     result = corpus_entropy(corpus_shards(ctx, gen), len(load_run_tokenizer(ctx)))
-    ctx.log(f"gen {gen}: corpus entropy {result['entropy_bits']:.3f} bits")
+    ctx.log(f"gen {gen}: corpus entropy {format_cell(result['entropy_bits'], '.3f')} bits")
     return result, []
 
 

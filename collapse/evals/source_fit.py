@@ -145,7 +145,7 @@ def _figure(runs: Sequence[Any]) -> bytes | None:
         for key, name, color in [
             ("source_valid", "stories the source could write", "tab:blue"),
             ("source_prefix", "text written before departing from it", "tab:purple"),
-            ("source_tail", "stories valid and in the human tail", "tab:orange"),
+            ("source_tail", "valid stories in the human tail (share of valid)", "tab:orange"),
         ]:
             x, y = series(run, key)
             shares.plot(x, y, style, color=color, marker="o", label=name + suffix(run, runs))

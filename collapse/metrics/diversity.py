@@ -136,8 +136,8 @@ def _ngram_stats(
     return unique, int(keys.size), rep_sum, int(has.sum())
 
 
-def distinct_n(flat: np.ndarray, offsets: np.ndarray, n_max: int = 4) -> dict[int, float]:
-    """Distinct-n for n = 1..n_max: distinct n-grams / n-grams (0.0 when there are none).
+def distinct_n(flat: np.ndarray, offsets: np.ndarray, n_max: int = 4) -> dict[int, float | None]:
+    """Distinct-n for n = 1..n_max: distinct n-grams / n-grams (None when there are none).
 
     Args:
         flat: token ids of all documents, concatenated.
@@ -150,12 +150,13 @@ def distinct_n(flat: np.ndarray, offsets: np.ndarray, n_max: int = 4) -> dict[in
     for n in range(1, n_max + 1):
         keys, _ = ngram_keys(flat, offsets, n, bits)
         distinct = _sorted_unique(np.sort(keys)).size  # a plain sort: no per-document work
-        out[n] = distinct / keys.size if keys.size else 0.0
+        out[n] = distinct / keys.size if keys.size else None
     return out
 
 
-def rep_n(flat: np.ndarray, offsets: np.ndarray, n_max: int = 4) -> dict[int, float]:
-    """Rep-n for n = 1..n_max: mean over documents with >= 1 n-gram of 1 - distinct/total.
+def rep_n(flat: np.ndarray, offsets: np.ndarray, n_max: int = 4) -> dict[int, float | None]:
+    """Rep-n for n = 1..n_max: mean over documents with >= 1 n-gram of 1 - distinct/total
+    (None when no document has one).
 
     Args:
         flat: token ids of all documents, concatenated.
@@ -167,11 +168,11 @@ def rep_n(flat: np.ndarray, offsets: np.ndarray, n_max: int = 4) -> dict[int, fl
     out = {}
     for n in range(1, n_max + 1):
         _, _, rep_sum, docs = _ngram_stats(flat, offsets, n, bits)
-        out[n] = rep_sum / docs if docs else 0.0
+        out[n] = rep_sum / docs if docs else None
     return out
 
 
-def zipf_coefficient(counts: np.ndarray) -> float:
+def zipf_coefficient(counts: np.ndarray) -> float | None:
     """Zipf exponent s of a frequency table: least-squares fit of log f = a - s log rank.
 
     Ranks 1..N are given to the N non-zero counts in decreasing order, each rank weighted
@@ -183,13 +184,13 @@ def zipf_coefficient(counts: np.ndarray) -> float:
         counts: occurrences per type (any order; zeros ignored).
 
     Returns:
-        s (positive for Zipfian text; 1.0 for f proportional to 1/rank); 0.0 with fewer than
-        two types.
+        s (positive for Zipfian text; 1.0 for f proportional to 1/rank); None with fewer than
+        two types (no slope to fit).
     """
     freq = np.sort(np.asarray(counts, dtype=np.float64))[::-1]
     freq = freq[freq > 0]
     if freq.size < 2:
-        return 0.0
+        return None
     log_rank = np.log(np.arange(1, freq.size + 1, dtype=np.float64))
     slope, _ = np.polyfit(log_rank, np.log(freq), 1)
     return float(-slope)
@@ -226,7 +227,7 @@ def _clipped_matches(keys: np.ndarray, doc_ids: np.ndarray, n_docs: int) -> np.n
     return np.bincount(pair_doc, weights=clipped, minlength=n_docs)
 
 
-def self_bleu(docs: Sequence[Sequence[int] | np.ndarray], max_n: int = 4) -> float:
+def self_bleu(docs: Sequence[Sequence[int] | np.ndarray], max_n: int = 4) -> float | None:
     """Mean sentence BLEU of each document against all the others as references.
 
     Written here because no BLEU library is a dependency (nltk, sacrebleu). It follows NLTK's
@@ -241,11 +242,11 @@ def self_bleu(docs: Sequence[Sequence[int] | np.ndarray], max_n: int = 4) -> flo
         max_n: highest n-gram order (4 = BLEU-4).
 
     Returns:
-        The mean over documents; 0.0 with fewer than two documents (no references).
+        The mean over documents; None with fewer than two documents (no references).
     """
     m = len(docs)
     if m < 2:
-        return 0.0
+        return None
     arrays = [np.asarray(d, dtype=np.int64).reshape(-1) for d in docs]
     lengths = np.array([a.size for a in arrays], dtype=np.int64)
     flat = np.concatenate(arrays)
@@ -368,9 +369,9 @@ def corpus_diversity(
     for n in range(1, n_max + 1):
         parts = ([union[n]] if n in union else []) + pending[n]
         distinct = _merge_unique(parts).size if parts else 0
-        result[f"distinct_{n}"] = distinct / totals[n] if totals[n] else 0.0
+        result[f"distinct_{n}"] = distinct / totals[n] if totals[n] else None
     for n in range(1, n_max + 1):
-        result[f"rep_{n}"] = rep_sums[n] / rep_docs[n] if rep_docs[n] else 0.0
+        result[f"rep_{n}"] = rep_sums[n] / rep_docs[n] if rep_docs[n] else None
     result["zipf_coefficient"] = zipf_coefficient(unigrams)
     result["self_bleu"] = self_bleu(sampled)
     result["self_bleu_samples"] = len(sampled)

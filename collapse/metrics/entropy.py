@@ -10,16 +10,17 @@ import numpy as np
 from collapse.corpus.parquet import iter_tables, token_arrays
 
 
-def entropy_from_counts(counts: np.ndarray) -> float:
-    """Shannon entropy in bits of the distribution proportional to `counts`."""
+def entropy_from_counts(counts: np.ndarray) -> float | None:
+    """Shannon entropy in bits of the distribution proportional to `counts`; None when every
+    count is 0 (no distribution)."""
     counts = counts[counts > 0].astype(np.float64)
     if counts.size == 0:
-        return 0.0
+        return None
     p = counts / counts.sum()
-    return float(-(p * np.log2(p)).sum())
+    return float(-(p * np.log2(p)).sum()) + 0.0  # one type: 0.0, not -0.0
 
 
-def corpus_entropy(paths: Sequence[Path], vocab_size: int) -> dict[str, float | int]:
+def corpus_entropy(paths: Sequence[Path], vocab_size: int) -> dict[str, float | int | None]:
     """Unigram entropy (bits) of token ids over a whole corpus, and how many distinct ids it uses.
 
     p(v) = count(v) / total tokens over the documents' own tokens; the EOS that closes a
@@ -38,7 +39,7 @@ def corpus_entropy(paths: Sequence[Path], vocab_size: int) -> dict[str, float | 
         "distinct_tokens": int((counts > 0).sum()),
         "tokens": tokens,
         "documents": documents,
-        "finished_fraction": finished / documents if documents else 0.0,
-        "mean_length": tokens / documents if documents else 0.0,
+        "finished_fraction": finished / documents if documents else None,
+        "mean_length": tokens / documents if documents else None,
         "vocab_size": vocab_size,
     }
