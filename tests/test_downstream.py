@@ -437,3 +437,26 @@ def test_building_a_classifier_draws_nothing_from_the_global_rng():
     head = SequenceClassifier(model, 3, seed=1).score.weight
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(head, SequenceClassifier(model, 3, seed=1).score.weight)  # seeded
+
+
+def test_a_probe_never_scores_what_it_was_fine_tuned_on():
+    """Stories share sentences (the synthetic grammar repeats some verbatim): the evaluation
+    split leaves out every sentence, or pair of consecutive sentences, the train split holds."""
+    rng = random.Random(0)
+    shared = ["Once upon a time there was a dog.", "The dog liked to play outside."]
+    stories = [
+        " ".join([*shared, f"It found a {rng.choice(['ball', 'stick', 'hat'])} number {i} today."])
+        for i in range(40)
+    ]
+    for probe in ("word_order", "coherence"):
+        train, held = load_task(probe, task_spec(probe, {}), lambda: stories, seed=3)
+        assert len(held) > 0 and sum(held.labels) * 2 == len(held)  # still balanced
+        if probe == "word_order":
+            assert not {t for t, y in zip(train.texts, train.labels, strict=True) if y} & {
+                t for t, y in zip(held.texts, held.labels, strict=True) if y
+            }
+            assert not any(shared[0] in text for (text,) in held.texts)
+        else:
+            positives = {t for t, y in zip(train.texts, train.labels, strict=True) if y}
+            assert tuple(shared) in positives
+            assert tuple(shared) not in held.texts

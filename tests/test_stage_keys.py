@@ -44,18 +44,19 @@ ADDED_KEYS = {  # source_fit, 2026-12-07
     "0/eval.source_fit": "336f60accb2fe976b759c4d338252e10d53ce1fbc6c0579281d0d1a88e62ace8",
     "1/eval.source_fit": "857320392a30cc4903c01b95ecd35ab56245edd18ae4992d13006ba4caf79d30",
     "2/eval.source_fit": "bed534a7ea6e9c013417951b255c4db38ccaac40dfdca7b4d64c5c90519f5aad",
-    # downstream, 2026-12-07, from when a task's description (words for tables) left its key
+    # downstream, 2026-12-07, at version 2 (probe evaluation splits leave out what their
+    # train splits hold), a task's description (words for tables) no longer in its key
     "0/eval.downstream/word_order": (
-        "7c630d17345f2ef77cf7110b107462f6542016d890b3d71795916d71990f7b6f"
+        "6e5ccc79756a076d6cd5418b1d7f11a262c11674483156e5d02822bb6db8dddd"
     ),
     "0/eval.downstream/coherence": (
-        "e76179cc7c28a47f962a3fa958a78719e9d698a7af5d1fd617dd3a090cfde75d"
+        "e0f1fb905e40ccd05e725109d4a72a14b3a9065b6b55fa3ceb1f0c4dbbe4180b"
     ),
     "1/eval.downstream/word_order": (
-        "85c382ea7a8f51ace38bdee72ffb0c9b89831ecffd63ef38c7ec1b7149ef3935"
+        "d6ab60d22c67da8f7a83b35d0f82c4fc350b31cb6111f0c1a4e63e0c2206dee8"
     ),
     "1/eval.downstream/coherence": (
-        "ce8c03a5d1c30e4f0b6b0be3629ac44b9dc066204db1e2653a4dec0eda1ffddd"
+        "03b1ed3bd304d40ff96e3b9a0334a42589d864d15d034996b0f91dd6d1568296"
     ),
 }
 RUN_IDS = {"demo.yaml": "demo-9af23572f8", "paper-33m.yaml": "paper-33m-a8eb729f88"}

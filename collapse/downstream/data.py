@@ -223,7 +223,7 @@ def _probe(spec: TaskSpec, stories: Sequence[str], seed: int) -> tuple[Examples,
     build = PROBE_BUILDERS[spec.probe or ""]
     train_stories, eval_stories = split_stories(stories, seed)
     train = Examples(*build(train_stories, seed + 1))
-    held = Examples(*build(eval_stories, seed + 2))
+    held = Examples(*build(eval_stories, seed + 2, train_stories))
     return train, held
 
 

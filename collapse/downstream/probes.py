@@ -5,10 +5,12 @@ learned the language of the stories should tell a sentence from the same words w
 swapped (`acceptability`) or all of them scrambled (`word_order`, coarse enough for tiny models),
 and a story's next sentence from a sentence of another story
 (`coherence`). Both are seeded and exactly balanced (half the examples of each split are
-positive), and their train and evaluation splits come from disjoint sets of stories, so no
-sentence is both fine-tuned on and evaluated. The stories are the validation split, which no
-generation is trained on; the perplexity evaluation reads them too, but it never trains, so the
-overlap leaks nothing.
+positive), and their train and evaluation splits come from disjoint sets of stories. Stories
+can share sentences (the synthetic grammar repeats some verbatim), so the evaluation split also
+leaves out every sentence (for `coherence`, every pair of consecutive sentences) that the train
+split holds: no example is scored on what was fine-tuned on. The stories are the validation
+split, which no generation is trained on; the perplexity evaluation reads them too, but it never
+trains, so the overlap leaks nothing.
 """
 
 from __future__ import annotations
@@ -94,11 +96,21 @@ def scramble_words(sentence: str, rng: random.Random) -> str | None:
 
 
 def _corrupted(
-    stories: Sequence[str], seed: int, corrupt: Callable[[str, random.Random], str | None]
+    stories: Sequence[str],
+    seed: int,
+    corrupt: Callable[[str, random.Random], str | None],
+    seen: Sequence[str],
 ) -> tuple[list[tuple[str]], list[int]]:
-    """Each sentence once: as written (label 1) or corrupted (label 0), half of each."""
+    """Each sentence once: as written (label 1) or corrupted (label 0), half of each; none
+    that a story of `seen` holds."""
     rng = random.Random(seed)
-    pool = [s for story in stories for s in sentences(story) if len(s.split()) >= MIN_WORDS]
+    known = {s for story in seen for s in sentences(story)}
+    pool = [
+        s
+        for story in stories
+        for s in sentences(story)
+        if len(s.split()) >= MIN_WORDS and s not in known
+    ]
     texts: list[tuple[str]] = []
     labels: list[int] = []
     for sentence, label in zip(pool, _balanced_labels(len(pool), rng), strict=True):
@@ -110,39 +122,53 @@ def _corrupted(
     return texts, labels
 
 
-def acceptability(stories: Sequence[str], seed: int) -> tuple[list[tuple[str]], list[int]]:
+def acceptability(
+    stories: Sequence[str], seed: int, seen: Sequence[str] = ()
+) -> tuple[list[tuple[str]], list[int]]:
     """Each sentence once: as written (label 1) or with two words swapped (label 0).
 
     Args:
         stories: the stories of one split.
         seed: the seed of the labels and the swaps.
+        seen: stories fine-tuned on (for the evaluation split): their sentences are left out.
 
     Returns:
         (one-text examples, labels), half of them 1.
     """
-    return _corrupted(stories, seed, swap_two_words)
+    return _corrupted(stories, seed, swap_two_words, seen)
 
 
-def word_order(stories: Sequence[str], seed: int) -> tuple[list[tuple[str]], list[int]]:
+def word_order(
+    stories: Sequence[str], seed: int, seen: Sequence[str] = ()
+) -> tuple[list[tuple[str]], list[int]]:
     """Each sentence once: as written (label 1) or with its words scrambled (label 0).
 
     Args:
         stories: the stories of one split.
         seed: the seed of the labels and the shuffles.
+        seen: stories fine-tuned on (for the evaluation split): their sentences are left out.
 
     Returns:
         (one-text examples, labels), half of them 1.
     """
-    return _corrupted(stories, seed, scramble_words)
+    return _corrupted(stories, seed, scramble_words, seen)
 
 
-def coherence(stories: Sequence[str], seed: int) -> tuple[list[tuple[str, str]], list[int]]:
+def _successions(stories: Sequence[Sequence[str]]) -> set[tuple[str, str]]:
+    return {(sents[i], sents[i + 1]) for sents in stories for i in range(len(sents) - 1)}
+
+
+def coherence(
+    stories: Sequence[str], seed: int, seen: Sequence[str] = ()
+) -> tuple[list[tuple[str, str]], list[int]]:
     """Pairs (sentence, next sentence of its story) labelled 1, or (sentence, a sentence of
-    another story of the same split) labelled 0; each sentence with a successor starts one pair.
+    another story of the same split) labelled 0; each sentence with a successor starts one pair,
+    unless a story of `seen` has the same two sentences in a row.
 
     Args:
         stories: the stories of one split (at least two, for the negatives).
         seed: the seed of the labels and the negatives.
+        seen: stories fine-tuned on (for the evaluation split).
 
     Returns:
         (sentence pairs, labels), half of them 1.
@@ -151,7 +177,13 @@ def coherence(stories: Sequence[str], seed: int) -> tuple[list[tuple[str, str]],
     split = [sentences(story) for story in stories]
     if sum(1 for s in split if s) < 2:
         return [], []
-    starts = [(k, i) for k, sents in enumerate(split) for i in range(len(sents) - 1)]
+    known = _successions([sentences(story) for story in seen])
+    starts = [
+        (k, i)
+        for k, sents in enumerate(split)
+        for i in range(len(sents) - 1)
+        if (sents[i], sents[i + 1]) not in known
+    ]
     non_empty = [k for k, sents in enumerate(split) if sents]
     pairs: list[tuple[str, str]] = []
     labels = _balanced_labels(len(starts), rng)

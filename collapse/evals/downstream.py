@@ -317,7 +317,7 @@ def _section(run: Any) -> str | None:
 EVALUATION = Evaluation(
     name="downstream",
     description="Fine-tune each judged generation and a random-init baseline on labelled tasks.",
-    version=1,
+    version=2,  # 2: probe evaluation splits leave out what their train splits hold
     needs_gpu=True,
     on_human_corpus=True,
     key_parts=_key,
