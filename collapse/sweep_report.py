@@ -152,6 +152,12 @@ def draw_evaluation(entry: Evaluation, groups: Sequence[Group]) -> bytes | None:
         plotted: list[float] = []
         for i, group in enumerate(groups):
             points = band(group.tables, column.key)
+            if entry.baseline_at_zero:  # generation 0 is the random-init model: a line
+                baseline = dict(points).get(0)
+                points = [(g, s) for g, s in points if g > 0]
+                if baseline is not None:
+                    ax.axhline(baseline.mean, color=f"C{i}", linestyle="--", linewidth=1)
+                    plotted += [baseline.lo, baseline.hi]
             if not points:
                 continue
             x = [g for g, _ in points]
@@ -167,7 +173,10 @@ def draw_evaluation(entry: Evaluation, groups: Sequence[Group]) -> bytes | None:
     for ax in axes[len(columns) :]:
         ax.set_visible(False)
     axes[0].legend(fontsize="small")
-    fig.suptitle(f"{entry.name}: mean over seeds, band from min to max")
+    title = f"{entry.name}: mean over seeds, band from min to max"
+    if entry.baseline_at_zero:
+        title += "; dashed: the random-init model (generation 0)"
+    fig.suptitle(title)
     fig.tight_layout()
     return png(fig)
 
@@ -186,7 +195,8 @@ def group_table(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
 
     Quantities: seeds, N, the first generation whose perplexity exceeds 2x generation 1's, the
     area under the perplexity curve over generations 1..N, and each table column at generation
-    N; each as mean [min-max] over the group's seeds.
+    N (or, for one evaluated on some generations only, at the last of them, said in the cell);
+    each as mean [min-max] over the group's seeds.
     """
     summaries = [g.summary() for g in groups]
     seeds = [f"{len(g.arms)} ({', '.join(str(a.seed) for a in g.arms)})" for g in groups]
@@ -199,7 +209,13 @@ def group_table(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
         + [_cell(s.perplexity_area, ".1f") for s in summaries],
     ]
     for column in _union_columns([g.config for g in groups]):
-        cells = [_cell(s.last.get(column.key), column.fmt) for s in summaries]
+        cells = []
+        for group, summary in zip(groups, summaries, strict=True):
+            cell = _cell(summary.last.get(column.key), column.fmt)
+            at = summary.last_at.get(column.key, group.config.run.generations)
+            if cell != "-" and at != group.config.run.generations:
+                cell += f" (generation {at})"  # evaluated on some generations only
+            cells.append(cell)
         rows.append([f"{column.header} at generation N", *cells])
     return ["", *(g.label for g in groups)], rows
 

@@ -96,7 +96,10 @@ class GroupSummary:
     seeds: int
     doubling: Spread | None  # first generation whose perplexity > 2x generation 1's
     perplexity_area: Spread | None  # trapezoid over generations 1..N
-    last: dict[str, Spread | None]  # each column's value at the last generation N
+    last: dict[str, Spread | None]  # each column's value at `last_at[column]`
+    # the last generation <= N where the column has a value: N, except for evaluations of a
+    # few generations (the paper judges and fine-tunes 1, 6, ..., 36 of 40) or unfinished runs
+    last_at: dict[str, int]
 
 
 def summarize(
@@ -106,7 +109,8 @@ def summarize(
 
     Args:
         tables: one per-generation table per seed.
-        keys: the table columns whose generation-`last` value to summarise.
+        keys: the table columns to summarise at the last generation <= `last` where a seed
+            has a value (generation `last` for evaluations of every generation).
         perplexity_key: the column of validation perplexity, None when not evaluated.
         last: the last generation N (run.generations).
     """
@@ -117,5 +121,10 @@ def summarize(
         crossings = [first_exceeding(c) for c in ppl]
         doubling = spread(crossings)  # type: ignore[arg-type]
         area = spread([trapezoid_area(c, 1, last) for c in ppl])
-    values = {key: spread([curve(t, key).get(last) for t in tables]) for key in keys}
-    return GroupSummary(len(tables), doubling, area, values)
+    values: dict[str, Spread | None] = {}
+    at: dict[str, int] = {}
+    for key in keys:
+        curves = [curve(t, key) for t in tables]
+        at[key] = max((g for c in curves for g in c if g <= last), default=last)
+        values[key] = spread([c.get(at[key]) for c in curves])
+    return GroupSummary(len(tables), doubling, area, values, at)

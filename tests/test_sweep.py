@@ -19,7 +19,7 @@ import yaml
 
 from collapse.config import config_to_dict, load_config, run_id_for, validate_config
 from collapse.context import Context
-from collapse.evals import registry
+from collapse.evals import evaluation, registry
 from collapse.pipeline import run_stage, stages_of
 from collapse.stages import chain_stage
 from collapse.store import RunStore
@@ -308,6 +308,13 @@ def test_band_and_summary_of_a_group_with_known_answers():
         "ppl": Spread(27.5, 25.0, 30.0, 2, 3),
     }
     assert summarize([a], ["ent"], None, last=3).doubling is None  # perplexity not evaluated
+    assert summary.last_at == {"ent": 3, "ppl": 3}
+    # a column evaluated on some generations only (the paper judges 1, 6, ..., 36 of 40) is
+    # read at the last of them, not left empty at N
+    judged = _table(ppl=[None, 10.0, 15.0, 25.0, 30.0], score=[5.0, 7.0, None, 6.0, None])
+    other = _table(ppl=[None, 10.0, 15.0, 25.0, 30.0], score=[5.0, 8.0, None, 4.0, None])
+    summary = summarize([judged, other], ["score"], None, last=4)
+    assert summary.last_at == {"score": 3} and summary.last["score"] == Spread(5.0, 4.0, 6.0, 2, 2)
 
 
 # validation perplexity of generations 1 and 2 per (objective, seed)
@@ -548,3 +555,31 @@ def _arms_die_with_a_killed_sweep(home: Path, path: Path) -> bool:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_random_init_baseline_is_drawn_as_a_line_not_as_generation_0_of_the_curve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from matplotlib.axes import Axes
+
+    _base(tmp_path, eval={"metrics": ["perplexity", "judge"]}, run={"generations": 2})
+    sweep = load_sweep(_sweep(tmp_path, grid={"run.seed": [1, 2]}))
+    keys = [c.key for c in evaluation("judge").columns_for(sweep.arms[0].config)]
+    tables = {
+        arm.run_dir.resolve(): [
+            {"generation": g, **dict.fromkeys(keys, [2.0, 7.0, 5.0][g] + arm.seed)}
+            for g in range(3)
+        ]
+        for arm in sweep.arms
+    }
+    lines: list[float] = []
+    curves: list[list[float]] = []
+    plot, axhline = Axes.plot, Axes.axhline
+    monkeypatch.setattr(Axes, "axhline", lambda ax, y, **kw: lines.append(y) or axhline(ax, y))
+    monkeypatch.setattr(
+        Axes, "plot", lambda ax, x, *a, **kw: curves.append(x) or plot(ax, x, *a, **kw)
+    )
+    png = draw_evaluation(evaluation("judge"), groups_of(sweep, tables))
+    assert png is not None and png.startswith(b"\x89PNG")
+    assert lines == [3.5] * len(keys)  # the seeds' mean at generation 0, once per panel
+    assert curves == [[1, 2]] * len(keys)

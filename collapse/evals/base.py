@@ -62,6 +62,9 @@ class Evaluation:
         version: bump when a code change alters the result: only this stage is recomputed.
         needs_gpu: runs a model (holds the GPU concurrency limit).
         on_human_corpus: also evaluated on generation 0.
+        baseline_at_zero: its generation 0 is a random-init model of the same architecture (a
+            baseline), not the human corpus: comparisons draw it as a line of its own, not as
+            the start of the generations' curve.
         key_parts: the stage's inputs (config values, content digests of what it reads).
         run: computes the result dict and returns it with any extra output files.
         order: position among evaluations (default list, tables, figures).
@@ -91,6 +94,7 @@ class Evaluation:
     key_parts: Callable[..., list[Any]]  # (ctx, gen) or, with parts, (ctx, gen, part)
     run: Callable[..., tuple[dict[str, Any], list[Path]]]  # as key_parts
     order: int = 100
+    baseline_at_zero: bool = False
     default: bool = True
     settings: type[Section] | None = None
     columns: tuple[Column, ...] | Callable[[Any], tuple[Column, ...]] = ()

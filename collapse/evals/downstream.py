@@ -320,6 +320,7 @@ EVALUATION = Evaluation(
     version=2,  # 2: probe evaluation splits leave out what their train splits hold
     needs_gpu=True,
     on_human_corpus=True,
+    baseline_at_zero=True,  # generation 0: the random-init model
     key_parts=_key,
     run=_run,
     order=70,

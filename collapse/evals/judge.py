@@ -411,6 +411,7 @@ EVALUATION = Evaluation(
     version=1,
     needs_gpu=True,
     on_human_corpus=True,
+    baseline_at_zero=True,  # generation 0: the random-init model
     key_parts=_key,
     run=_run,
     order=60,
