@@ -117,8 +117,19 @@ class Group:
         perplexity = None
         if PERPLEXITY in self.config.eval.metrics:
             perplexity = evaluation(PERPLEXITY).columns_for(self.config)[0].key
+        last = self.config.run.generations
         keys = [c.key for c in table_columns(self.config)]
-        return summarize(self.tables, keys, perplexity, self.config.run.generations)
+        # an evaluation that does not run on N (the paper judges 1, 6, ..., 36 of 40) is read
+        # at the last generation it runs on; one that runs on N but has no value there (no
+        # valid story to score) stays empty there
+        read_at = {}
+        for name in self.config.eval.metrics:
+            entry = evaluation(name)
+            if not entry.applies_to(self.config, last):
+                runs_on = [g for g in range(1, last) if entry.applies_to(self.config, g)]
+                for column in entry.columns_for(self.config):
+                    read_at[column.key] = max(runs_on, default=last)
+        return summarize(self.tables, keys, perplexity, last, read_at)
 
 
 def _columns_of(entry: Evaluation, groups: Sequence[Group]) -> list[Column]:
@@ -195,7 +206,8 @@ def group_table(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
 
     Quantities: seeds, N, the first generation whose perplexity exceeds 2x generation 1's, the
     area under the perplexity curve over generations 1..N, and each table column at generation
-    N (or, for one evaluated on some generations only, at the last of them, said in the cell);
+    N (or, for an evaluation that does not run on N, at the last generation it runs on, said
+    in the cell);
     each as mean [min-max] over the group's seeds.
     """
     summaries = [g.summary() for g in groups]
@@ -213,8 +225,8 @@ def group_table(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
         for group, summary in zip(groups, summaries, strict=True):
             cell = _cell(summary.last.get(column.key), column.fmt)
             at = summary.last_at.get(column.key, group.config.run.generations)
-            if cell != "-" and at != group.config.run.generations:
-                cell += f" (generation {at})"  # evaluated on some generations only
+            if at != group.config.run.generations:
+                cell += f" (generation {at})"  # not evaluated on N
             cells.append(cell)
         rows.append([f"{column.header} at generation N", *cells])
     return ["", *(g.label for g in groups)], rows

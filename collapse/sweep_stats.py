@@ -97,22 +97,27 @@ class GroupSummary:
     doubling: Spread | None  # first generation whose perplexity > 2x generation 1's
     perplexity_area: Spread | None  # trapezoid over generations 1..N
     last: dict[str, Spread | None]  # each column's value at `last_at[column]`
-    # the last generation <= N where the column has a value: N, except for evaluations of a
-    # few generations (the paper judges and fine-tunes 1, 6, ..., 36 of 40) or unfinished runs
+    # N, or for an evaluation of some generations only (the paper judges and fine-tunes 1, 6,
+    # ..., 36 of 40) the last of them
     last_at: dict[str, int]
 
 
 def summarize(
-    tables: Sequence[Table], keys: Sequence[str], perplexity_key: str | None, last: int
+    tables: Sequence[Table],
+    keys: Sequence[str],
+    perplexity_key: str | None,
+    last: int,
+    read_at: dict[str, int] | None = None,
 ) -> GroupSummary:
     """Summarise one group from its seeds' tables.
 
     Args:
         tables: one per-generation table per seed.
-        keys: the table columns to summarise at the last generation <= `last` where a seed
-            has a value (generation `last` for evaluations of every generation).
+        keys: the table columns to summarise at generation `last`.
         perplexity_key: the column of validation perplexity, None when not evaluated.
         last: the last generation N (run.generations).
+        read_at: columns to summarise at another generation instead (those of an evaluation
+            that does not run on N).
     """
     doubling: Spread | None = None
     area: Spread | None = None
@@ -121,10 +126,6 @@ def summarize(
         crossings = [first_exceeding(c) for c in ppl]
         doubling = spread(crossings)  # type: ignore[arg-type]
         area = spread([trapezoid_area(c, 1, last) for c in ppl])
-    values: dict[str, Spread | None] = {}
-    at: dict[str, int] = {}
-    for key in keys:
-        curves = [curve(t, key) for t in tables]
-        at[key] = max((g for c in curves for g in c if g <= last), default=last)
-        values[key] = spread([c.get(at[key]) for c in curves])
+    at = {key: (read_at or {}).get(key, last) for key in keys}
+    values = {key: spread([curve(t, key).get(at[key]) for t in tables]) for key in keys}
     return GroupSummary(len(tables), doubling, area, values, at)

@@ -309,12 +309,13 @@ def test_band_and_summary_of_a_group_with_known_answers():
     }
     assert summarize([a], ["ent"], None, last=3).doubling is None  # perplexity not evaluated
     assert summary.last_at == {"ent": 3, "ppl": 3}
-    # a column evaluated on some generations only (the paper judges 1, 6, ..., 36 of 40) is
-    # read at the last of them, not left empty at N
+    # a column of an evaluation that does not run on N (the paper judges 1, 6, ..., 36 of 40)
+    # is read where it is told, not left empty at N
     judged = _table(ppl=[None, 10.0, 15.0, 25.0, 30.0], score=[5.0, 7.0, None, 6.0, None])
     other = _table(ppl=[None, 10.0, 15.0, 25.0, 30.0], score=[5.0, 8.0, None, 4.0, None])
-    summary = summarize([judged, other], ["score"], None, last=4)
-    assert summary.last_at == {"score": 3} and summary.last["score"] == Spread(5.0, 4.0, 6.0, 2, 2)
+    summary = summarize([judged, other], ["score", "ppl"], None, last=4, read_at={"score": 3})
+    assert summary.last_at == {"score": 3, "ppl": 4}
+    assert summary.last["score"] == Spread(5.0, 4.0, 6.0, 2, 2)
 
 
 # validation perplexity of generations 1 and 2 per (objective, seed)
@@ -583,3 +584,24 @@ def test_a_random_init_baseline_is_drawn_as_a_line_not_as_generation_0_of_the_cu
     assert png is not None and png.startswith(b"\x89PNG")
     assert lines == [3.5] * len(keys)  # the seeds' mean at generation 0, once per panel
     assert curves == [[1, 2]] * len(keys)
+
+
+def test_the_group_table_reads_the_judge_at_its_last_judged_generation_not_at_n(tmp_path: Path):
+    _base(
+        tmp_path,
+        eval={"metrics": ["perplexity", "judge"], "judge": {"generations": [1]}},
+        run={"generations": 2},
+    )
+    sweep = load_sweep(_sweep(tmp_path, grid={"run.seed": [1, 2]}))
+    keys = [c.key for c in evaluation("judge").columns_for(sweep.arms[0].config)]
+    tables = {
+        arm.run_dir.resolve(): [
+            {"generation": 0, "perplexity": None, **dict.fromkeys(keys, 2.0)},
+            {"generation": 1, "perplexity": 10.0, **dict.fromkeys(keys, 6.0 + arm.seed)},
+            {"generation": 2, "perplexity": None, **dict.fromkeys(keys)},  # not judged
+        ]
+        for arm in sweep.arms
+    }
+    cells = {row[0]: row[1] for row in group_table(groups_of(sweep, tables))[1]}
+    assert cells["grammar at generation N"] == "7.50 [7.00-8.00] (generation 1)"
+    assert cells["perplexity at generation N"] == "-"  # runs on N, no value there: empty
