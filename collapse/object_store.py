@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -203,6 +204,27 @@ class ObjectRoot:
             for name, info in found.items()
             if info.get("type") != "directory" and name.startswith(prefix)
         }
+
+    def modified(self, rel: str) -> float | None:
+        """When object `rel` was last written (seconds since the epoch, as the store keeps
+        it: to the second on S3), None when it does not exist or the store does not say."""
+        self.fs.invalidate_cache()
+        try:
+            info = self.fs.info(self.path(rel))
+        except FileNotFoundError:
+            return None
+        for key in ("mtime", "LastModified", "updated", "last_modified"):  # by filesystem
+            value = info.get(key)
+            if isinstance(value, int | float):
+                return float(value)
+            if isinstance(value, datetime):
+                return value.timestamp()
+            if isinstance(value, str):
+                try:
+                    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+                except ValueError:
+                    continue
+        return None
 
     def children(self, rel: str) -> list[str]:
         """Names directly under folder `rel` (objects and folders)."""

@@ -738,7 +738,15 @@ class RunStore:
         rel = self._rel(path)
         self._check_lease(rel)
         self.remote.put(path, self._object(rel))
+        self._stamp_as_published(path, rel)
         self._uploaded[rel] = _stamp(path)
+
+    def _stamp_as_published(self, path: Path, rel: str) -> None:
+        """Give the local copy of a saved mid-stage file its object's modification time, so
+        that `restore_partial` can tell a newer one saved later by another machine."""
+        published = self.remote.modified(self._object(rel))
+        if published is not None:
+            os.utime(path, (published, published))
 
     def _check_lease(self, what: str) -> None:
         """Stop before publishing `what` if this process lost the run's lease (it stalled or
@@ -758,20 +766,32 @@ class RunStore:
             )
 
     def restore_partial(self, path: Path) -> bool:
-        """Fetch a mid-stage file saved by `save_partial` elsewhere, unless it is here already.
+        """Fetch a mid-stage file saved by `save_partial` elsewhere, unless the copy here is
+        as new.
+
+        A copy here carries the modification time of the object it was saved as or fetched
+        from, or a later one if it was written since (and not saved: a kill came first). The
+        object is taken when it is newer: another machine went on from here (this one trained
+        to step 2 and was killed, another to step 10, and this one runs the stage again).
 
         Returns:
             Whether the file is here now.
         """
-        if self.remote is None or path.exists():
+        if self.remote is None:
             return path.exists()
         self._hold_copy()
+        rel = self._rel(path)
+        if path.exists():
+            published = self.remote.modified(self._object(rel))
+            if published is None or published <= path.stat().st_mtime:
+                return True
         try:
             with atomic_path(path) as tmp:
-                self.remote.get(self._object(self._rel(path)), tmp)
+                self.remote.get(self._object(rel), tmp)
         except FileNotFoundError:
-            return False
-        self._uploaded[self._rel(path)] = _stamp(path)
+            return path.exists()
+        self._stamp_as_published(path, rel)
+        self._uploaded[rel] = _stamp(path)
         return True
 
     def discard_partial(self, path: Path) -> None:

@@ -389,6 +389,33 @@ def test_a_process_forked_while_a_thread_holds_the_manifest_lock_does_not_deadlo
     assert "eval.forked" in store.read_manifest(1)["stages"]
 
 
+def test_a_machine_back_on_a_stage_takes_the_newer_checkpoint_another_saved_meanwhile(
+    artifact_root: Root, tmp_path: Path
+):
+    """Machine a trains to step 2 and is killed; b goes on to step 10 and is killed; a runs
+    the stage again with its step-2 checkpoint still on disk: it must resume from step 10. A
+    checkpoint written here after the last one saved (the kill came before its upload) is
+    the newest and stays."""
+    if artifact_root.kind == "path":
+        pytest.skip("a local root has one copy: nothing to choose between")
+    a = RunStore(artifact_root.root, "run", staging=tmp_path / "a")
+    mine = a.train_state_dir(1) / "checkpoint.pt"
+    atomic_write_bytes(mine, b"step 2")
+    a.save_partial(mine)
+    assert a.restore_partial(mine) and mine.read_bytes() == b"step 2"  # as new: kept
+    b = RunStore(artifact_root.root, "run", staging=tmp_path / "b")
+    theirs = b.train_state_dir(1) / "checkpoint.pt"
+    assert b.restore_partial(theirs)
+    time.sleep(1.1)  # an object store stamps its objects to the second
+    atomic_write_bytes(theirs, b"step 10")
+    b.save_partial(theirs)
+    again = RunStore(artifact_root.root, "run", staging=tmp_path / "a")
+    assert again.restore_partial(mine) and mine.read_bytes() == b"step 10"
+    time.sleep(1.1)
+    atomic_write_bytes(mine, b"step 12, not saved yet")
+    assert again.restore_partial(mine) and mine.read_bytes() == b"step 12, not saved yet"
+
+
 def test_mid_stage_files_saved_here_are_restored_elsewhere_until_discarded(
     artifact_root: Root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
