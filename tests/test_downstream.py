@@ -63,11 +63,32 @@ def downstream_config(root: Path, corpus: Path, **downstream) -> dict:
     return data
 
 
+def _varied_stories(path: Path, n: int, seed: int = 0) -> Path:
+    """Template stories whose sentences rarely repeat (names, things and colours combined), so
+    a probe's evaluation split, which leaves out every sentence its train split holds, keeps
+    most of its sentences: held-out sentences of a structure the model has learned."""
+    rng = random.Random(seed)
+    names = ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna", "Max", "Zoe", "Leo", "Ivy", "Jack", "Ella"]
+    things = ["ball", "cat", "dog", "kite", "boat", "hat", "cup", "book", "drum", "bike", "doll"]
+    colours = ["red", "blue", "green", "big", "small", "old", "new", "soft", "shiny", "little"]
+    stories = []
+    for _ in range(n):
+        name, friend = rng.sample(names, 2)
+        thing, colour = rng.choice(things), rng.choice(colours)
+        stories.append(
+            f"Once upon a time, {name} had a {colour} {thing}. {name} and {friend} played "
+            f"with the {thing}. One day, the {colour} {thing} was lost. {name} asked {friend} "
+            f"for help. Then {friend} found the {thing} and {name} was happy. The end."
+        )
+    path.write_text("\n\n".join(stories) + "\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def downstream_run(tmp_path_factory) -> Iterator[Context]:
     """Generation 0 (human corpus, baseline fine-tune) and 1 (trained, fine-tuned), no sampling."""
     tmp = tmp_path_factory.mktemp("downstream")
-    data = downstream_config(tmp / "artifacts", write_story_file(tmp / "stories.txt", n=300))
+    data = downstream_config(tmp / "artifacts", _varied_stories(tmp / "stories.txt", n=300))
     config = Config.model_validate(data)
     ctx = Context(config, RunStore(config.run.artifact_root, "ds"), log=lambda _: None)
     freeze_config(ctx)
