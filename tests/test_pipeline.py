@@ -172,3 +172,43 @@ def test_evaluations_run_beside_training_unless_it_is_deterministic_here(
     from collapse.pipeline import overlaps_evaluations
 
     assert overlaps_evaluations(load_config(tiny_config_file, overrides)) is overlap
+
+
+def test_a_judge_that_grades_nothing_stops_the_stage_instead_of_recording_it(
+    tmp_path: Path, story_file: Path
+):
+    """An unreachable endpoint: every request fails. Recorded, the empty result would be
+    reused by a run with a working endpoint (where the judge is reached is in no key)."""
+    import socket
+
+    from collapse.judge.client import JudgeStopped
+    from collapse.pipeline import freeze_config, run_stage
+    from collapse.store import RunStore
+
+    from .conftest import tiny_config_dict
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = tiny_config_dict(story_file, tmp_path / "artifacts", generations=1)
+    data["eval"] = {
+        "metrics": ["judge"],
+        "judge": {
+            "model": "m",
+            "base_url": f"http://127.0.0.1:{port}/v1",
+            "api_key_env": "COLLAPSE_TEST_UNREACHABLE_KEY",
+            "num_prompts": 2,
+            "completions_per_prompt": 1,
+            "max_new_tokens": 8,
+            "max_attempts": 1,
+        },
+    }
+    config = Config.model_validate(data)
+    ctx = Context(config, RunStore(config.run.artifact_root, "j"), log=lambda _: None)
+    freeze_config(ctx)
+    run_stage(ctx, 0, "corpus")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COLLAPSE_TEST_UNREACHABLE_KEY", "k")
+        with pytest.raises(JudgeStopped, match="none of the 2 completions of generation 0"):
+            run_stage(ctx, 0, "eval.judge")
+    assert ctx.store.read_record(0, "eval.judge") is None

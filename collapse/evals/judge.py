@@ -283,6 +283,18 @@ def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
         log_path=eval_dir / "judge-log.jsonl",
         log=ctx.log,
     )
+    if results and not any(r.grades for r in results):
+        # Nothing graded (the endpoint unreachable, every reply unusable): a result of no
+        # grades would be recorded as done, and the endpoint settings are in no key, so a run
+        # with a working endpoint would reuse it. Stop instead: the next run asks again.
+        from collapse.judge.client import JudgeStopped
+
+        first = next((r.failure for r in results if r.failure), "no reply")
+        raise JudgeStopped(
+            f"eval.judge: none of the {len(results)} completions of generation {gen} was graded "
+            f"(e.g. {first}); check eval.judge.base_url and eval.judge.model (log: "
+            f"{eval_dir / 'judge-log.jsonl'}), then run again: what is finished is kept"
+        )
     grades_path = eval_dir / "judge-grades.parquet"
     grades = {
         "prompt_index": [r.prompt_index for r in results],
