@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from collapse.errors import UserError
+from collapse.errors import UserError, cause_text
 from collapse.evals import default_metrics, registry
 from collapse.models.presets import IMPLEMENTATIONS, PRESETS, context_length, resolve_model_fields
 from collapse.objectives import OBJECTIVES
@@ -468,7 +468,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError([f"override {item!r} has an empty key part"])
-    return parts, yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return parts, None
+    try:
+        return parts, yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise ConfigError(
+            [
+                f"override {item!r}: the value is not valid YAML ({problem}); write it as YAML "
+                "(a list as [1, 2], a string with brackets or colons in quotes)"
+            ]
+        ) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -561,12 +572,16 @@ def load_config(
         ConfigError: listing every problem, with dotted keys.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError([f"config file {str(path)!r} is a folder; name a YAML file in it"])
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist"])
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot be read as text ({cause_text(exc)})"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: must hold a mapping of sections"])
     data = apply_overrides(data, overrides or [])

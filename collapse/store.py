@@ -36,6 +36,7 @@ from collapse.object_store import (
     record_rel,
     stages_in,
     staging_root,
+    url_problem,
 )
 from collapse.staging import flocked
 from collapse.staging import hold as hold_staging_copy
@@ -230,7 +231,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
             raise
         raise full from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. its folder is a file: the error above counts
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -308,8 +310,12 @@ def root_problem(root: str | Path, write: bool = True) -> str | None:
         write: whether this process will write there (else reading is checked).
     """
     if not is_url(root):
+        existing = _existing(Path(root).expanduser())
+        if not existing.is_dir():  # a file where the root, or a folder above it, should be
+            return f"artifact root {str(root)!r}: {str(existing)!r} is a file, not a folder"
         return None
-    return ObjectRoot(str(root)).problem(write)
+    problem = url_problem(str(root))  # the scheme, a bucket, no credentials in the URL
+    return problem or ObjectRoot(str(root)).problem(write)
 
 
 def child_root(root: str | Path, name: str) -> str:

@@ -29,7 +29,7 @@ from collapse.config import (
     run_id_for,
     start_problems,
 )
-from collapse.errors import UserError
+from collapse.errors import UserError, cause_text
 from collapse.sections import PositiveInt
 from collapse.started import (
     as_started,
@@ -192,8 +192,8 @@ def is_sweep_file(path: str | Path) -> bool:
     """Whether `path` holds a sweep (a mapping with `base`, `grid` or `arms`), not a config."""
     try:
         data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return False
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # not a sweep: loading it as a config says what is wrong
     return isinstance(data, dict) and bool(_SWEEP_ONLY_KEYS & set(data))
 
 
@@ -239,10 +239,10 @@ def _load_arm(
         except ConfigError as exc:
             return None, exc.problems, False
         raise
-    if check_inputs:  # as `collapse run` does before it starts anything
-        unusable = root_problem(config.run.artifact_root)
-        if unusable:
-            return None, [f"run.artifact_root: {unusable}"], False
+    # as `collapse run` does before it starts anything (writing), or `collapse status` (reading)
+    unusable = root_problem(config.run.artifact_root, write=check_inputs)
+    if unusable:
+        return None, [f"run.artifact_root: {unusable}"], False
     config, note = as_started(config)
     # A started run may no longer need its inputs (as in `collapse run`): checked before start.
     started = RunStore(config.run.artifact_root, run_id_for(config)).started()
@@ -297,6 +297,8 @@ def load_sweep(path: str | Path, *, check_inputs: bool = True) -> Sweep:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SweepError(path, [f"not valid YAML: {exc}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SweepError(path, [f"cannot be read as text ({cause_text(exc)})"]) from None
     if not isinstance(data, dict):
         raise SweepError(path, ["must hold a mapping (name, base, grid and/or arms, ...)"])
     try:

@@ -31,6 +31,17 @@ EXIT_USAGE = 2
 T = TypeVar("T")
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is no port: use 1-65535")
+    return port
+
+
 def _fail(message: str) -> int:
     print(f"collapse: error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -425,6 +436,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         page = write_report(runs, Path(args.out) if args.out else None)
     except ReportError as exc:
         return _fail(str(exc))
+    except OSError as exc:  # --out names a file, a folder that cannot be made or written
+        return _fail(f"cannot write the report to {args.out or 'the run folder'}: {exc}")
     print(f"report: {page.resolve()}")
     return 0
 
@@ -580,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     staging.set_defaults(func=cmd_staging)
     ui = sub.add_parser("ui", help="start the Prefect UI over this project's runs")
-    ui.add_argument("--port", type=int, default=4200)
+    ui.add_argument("--port", type=port_number, default=4200)
     ui.set_defaults(func=cmd_ui)
     from flows.submit import add_parsers  # runs on a work pool: flows/submit.py
 

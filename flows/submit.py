@@ -296,6 +296,27 @@ def _flow_of(declared: dict[str, Any]) -> str:
     return declared["entrypoint"].rsplit(":", 1)[1]
 
 
+def _deployment_name(text: str) -> str:
+    """An argparse type: 'flow/deployment'."""
+    flow, _, name = text.partition("/")
+    if not flow or not name or "/" in name:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not 'flow/deployment' (e.g. {DEFAULT_DEPLOYMENT})"
+        )
+    return text
+
+
+def _pool_limit(text: str) -> int:
+    """An argparse type: a number of flow runs, 0 or more."""
+    try:
+        limit = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if limit < 0:
+        raise argparse.ArgumentTypeError(f"{limit}: a pool runs 0 or more flow runs at once")
+    return limit
+
+
 def add_parsers(sub: Any) -> None:
     """Add `submit` and `deploy` to the `collapse` subcommands."""
     submit = sub.add_parser("submit", help="queue a run on a work pool (a worker runs it)")
@@ -303,6 +324,7 @@ def add_parsers(sub: Any) -> None:
     submit.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3")
     submit.add_argument(
         "--deployment",
+        type=_deployment_name,
         default=DEFAULT_DEPLOYMENT,
         help=f"'flow/deployment' to run it on (default: {DEFAULT_DEPLOYMENT})",
     )
@@ -313,7 +335,7 @@ def add_parsers(sub: Any) -> None:
     deploy = sub.add_parser("deploy", help="create the work pools and deployments of prefect.yaml")
     deploy.add_argument(
         "--pool-limit",
-        type=int,
+        type=_pool_limit,
         default=None,
         metavar="N",
         help="run at most N flow runs at once on each pool (the rest wait, queued)",

@@ -238,3 +238,41 @@ def test_an_unusable_artifact_url_is_one_line_and_exit_2_before_anything_starts(
     message = _last_line(proc.stderr)
     assert "run.artifact_root: " in message and said in message, message
     assert not (tmp_path / "staging").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "{config}", "train.lr=[1"], "override 'train.lr=[1': the value is not valid YAML"),
+        (["run", "{binary}"], "cannot be read as text (UnicodeDecodeError"),
+        (["run", "{folder}"], "is a folder; name a YAML file in it"),
+        (["status", "--root", "{config}"], "is a file, not a folder"),
+        (["status", "--root", "s3://KEYID:s3cr3tv4lue@bucket/x"], "the URL carries credentials"),
+        (["status", "--root", "foo://x/y"], "fsspec knows no 'foo' storage"),
+        (["report", "{run}", "--out", "{config}"], "cannot write the report to"),
+        (["ui", "--port", "99999"], "99999 is no port: use 1-65535"),
+        (["deploy", "--pool-limit", "-1"], "a pool runs 0 or more flow runs at once"),
+        (["submit", "{config}", "--deployment", "nodash"], "is not 'flow/deployment'"),
+    ],
+)
+def test_bad_command_lines_are_one_message_and_exit_2_before_anything_starts(
+    args: list[str], expected: str, tmp_path: Path, story_file: Path, capsys
+):
+    from flows.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(story_file, tmp_path / "artifacts")))
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe")
+    run = tmp_path / "artifacts" / "run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(config.read_text())
+    names = {"config": config, "binary": tmp_path / "binary.yaml", "folder": tmp_path, "run": run}
+    before = sorted(p for p in tmp_path.rglob("*"))
+    try:
+        code = main([a.format(**names) for a in args])
+    except SystemExit as exc:  # argparse's own refusal
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err, err
+    assert "s3cr3tv4lue" not in err
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
