@@ -131,6 +131,11 @@ def _wait(condition, what: str, timeout: float = 600, every: float = 0.5):
     return found
 
 
+def _run_started(root: Path) -> bool:
+    """Whether the run's folder exists under the artifact root."""
+    return root.is_dir() and any(p.is_dir() for p in root.iterdir())
+
+
 def _records(root: Path) -> dict[tuple[str, str], dict]:
     """(generation folder, stage) -> manifest record of every recorded stage."""
     records = {}
@@ -178,7 +183,8 @@ def test_a_submitted_run_survives_a_killed_worker(tmp_path: Path, reference: Pat
         assert "already" in twice.stdout
 
         # kill -9 the worker and the flow run it runs once generation 1 is trained: a lost node
-        _wait(lambda: root.is_dir() and ("gen-001", "train") in _records(root), "gen 1 train")
+        # (the artifact root's folder appears a moment before the run's folder inside it)
+        _wait(lambda: _run_started(root) and ("gen-001", "train") in _records(root), "gen 1 train")
         _kill_group(worker)
         run_id = run_dir(root).name
         _wait(  # nothing of the lost attempt is left running
