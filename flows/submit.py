@@ -100,6 +100,12 @@ def _connect() -> str | int:
     prefect_env.configure()  # also finds a running `collapse ui` server
     if not os.environ.get("PREFECT_API_URL"):
         return _fail(f"no Prefect server: this command {NEEDS_SERVER}")
+    api_url = os.environ["PREFECT_API_URL"]
+    if not prefect_env.server_healthy(api_url, timeout=10):
+        # not `connect`'s message: its fallback, a temporary local server, is no use here
+        return _fail(
+            f"no Prefect server answers at PREFECT_API_URL={api_url}: this command {NEEDS_SERVER}"
+        )
     try:
         return prefect_env.connect()
     except prefect_env.PrefectUnreachable as exc:

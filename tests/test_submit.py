@@ -50,6 +50,24 @@ def test_submit_without_a_server_says_how_to_start_one(tmp_path: Path, tiny_conf
     assert not (tmp_path / "artifacts").exists()
 
 
+def test_submit_to_a_server_that_does_not_answer_says_so_and_offers_no_temporary_one(
+    tmp_path: Path, tiny_config_file: Path
+):
+    api = f"http://127.0.0.1:{_free_port()}/api"  # nothing listens there
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "submit", str(tiny_config_file)],
+        env=_env(tmp_path, PREFECT_API_URL=api),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (message,) = _errors(proc.stderr)
+    assert f"no Prefect server answers at PREFECT_API_URL={api}" in message
+    assert "temporary" not in message and "Traceback" not in proc.stderr
+
+
 def test_submit_checks_the_config_as_run_does(tmp_path: Path, tiny_config_file: Path):
     proc = collapse(tmp_path, "submit", str(tiny_config_file), "train.lr=-1", "corpus.path=/nope")
     assert proc.returncode == 2, proc.stdout + proc.stderr
