@@ -235,6 +235,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
+def _remove_unlisted(folder: Path, listed: set[Path]) -> None:
+    """Remove the files under `folder` (if it is one) that `listed` does not hold: what an
+    earlier computation left beside the recorded outputs. Not `atomic_path`'s temporaries: a
+    write in flight (two evaluations of one generation pull its corpus at once in a pipelined
+    run) or one a killed writer left, which `record_stage` clears."""
+    if not folder.is_dir():
+        return
+    for stale in folder.rglob("*"):
+        if stale not in listed and not _TEMPORARY.match(stale.name) and stale.is_file():
+            stale.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write bytes so that `path` is either absent, the old file, or the complete new file."""
     with atomic_path(path) as tmp:
@@ -673,13 +685,8 @@ class RunStore:
         ]
         concurrently(self._fetch, fetches)
         wanted = {self.run_dir / out for _, _, out, _ in fetches}
-        if wanted and path.is_dir():
-            for stale in path.rglob("*"):
-                # Not another pull's download in flight (a temporary of `atomic_path`): two
-                # evaluations of one generation pull its corpus at once in a pipelined run.
-                if stale in wanted or _TEMPORARY.match(stale.name) or not stale.is_file():
-                    continue
-                stale.unlink(missing_ok=True)
+        if wanted:
+            _remove_unlisted(path, wanted)
         return path
 
     def _fetch(self, generation: int, stage: str, rel: str, digest: str) -> None:
@@ -897,10 +904,7 @@ class RunStore:
             if len(parts) > 2 and parts[1] in owned
         }
         for folder in folders:
-            if folder.is_dir():
-                for stale in folder.rglob("*"):
-                    if stale.is_file() and stale not in files and not _TEMPORARY.match(stale.name):
-                        stale.unlink(missing_ok=True)
+            _remove_unlisted(folder, set(files))
         return files
 
     def drop_stage(self, generation: int, stage: str) -> None:
