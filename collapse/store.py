@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from collapse.errors import UserError
+from collapse.errors import UserError, cause_text
 from collapse.lease import Lease, LeaseHeldError
 from collapse.object_store import (
     ObjectRoot,
@@ -325,9 +325,33 @@ def root_problem(root: str | Path, write: bool = True) -> str | None:
         existing = _existing(Path(root).expanduser())
         if not existing.is_dir():  # a file where the root, or a folder above it, should be
             return f"artifact root {str(root)!r}: {str(existing)!r} is a file, not a folder"
-        return None
+        return _local_write_problem(Path(root).expanduser()) if write else None
     problem = url_problem(str(root))  # the scheme, a bucket, no credentials in the URL
     return problem or ObjectRoot(str(root)).problem(write)
+
+
+def _local_write_problem(root: Path) -> str | None:
+    """Why folder `root` cannot be created or written here, found by doing it: permissions do
+    not tell (root may write anywhere yet not create folders under /proc, and a read-only mount
+    says so only when written). The folders it had to create and its probe file are removed."""
+    created = []
+    current = Path(os.path.abspath(root))
+    while not current.exists() and current != current.parent:
+        created.append(current)
+        current = current.parent
+    try:
+        for folder in reversed(created):
+            folder.mkdir()
+        probe = root / f".collapse-probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"artifact root {str(root)!r} cannot be written ({cause_text(exc)})"
+    finally:
+        for folder in created:  # deepest first; one that was not made is not there
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return None
 
 
 def child_root(root: str | Path, name: str) -> str:

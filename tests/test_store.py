@@ -441,3 +441,19 @@ def test_mid_stage_files_saved_here_are_restored_elsewhere_until_discarded(
     store.record_stage(1, "sample", "k", [store.corpus_dir(1)])
     assert puts == []  # (its record is written with put_bytes)
     assert _usable(artifact_root, "sample", "k", tmp_path / "reader")
+
+
+def test_a_local_root_is_checked_by_writing_there_and_the_check_leaves_nothing(tmp_path: Path):
+    from collapse.store import root_problem
+
+    assert root_problem(tmp_path / "a" / "b") is None
+    assert list(tmp_path.iterdir()) == []  # the folders it made to probe are gone
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    problem = root_problem(locked / "runs")
+    if os.geteuid() != 0:  # root writes through permissions
+        assert problem is not None and "cannot be written" in problem
+    assert root_problem(locked / "runs", write=False) is None
+    problem = root_problem("/proc/collapse-test/runs")
+    assert problem is not None and "cannot be written" in problem
+    assert not Path("/proc/collapse-test").exists()
