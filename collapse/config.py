@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from collapse import yaml_strict
 from collapse.errors import UserError, cause_text
 from collapse.evals import default_metrics, registry
 from collapse.models.presets import IMPLEMENTATIONS, PRESETS, context_length, resolve_model_fields
@@ -471,7 +472,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not raw.strip():
         return parts, None
     try:
-        return parts, yaml.safe_load(raw)
+        return parts, yaml_strict.safe_load(raw)
     except yaml.YAMLError as exc:
         problem = str(exc).splitlines()[0]
         raise ConfigError(
@@ -544,10 +545,13 @@ def input_problems(data: dict[str, Any]) -> list[str]:
 
 def start_problems(config: Config) -> list[str]:
     """What stops a validated config's run before its first start: a missing corpus file
-    (`input_problems`) and what its evaluations' `inputs` checks find in the files they read
-    (the judge's prompts file, downstream tasks' local data).
+    (`input_problems`) or one whose first rows cannot be used, and what its evaluations'
+    `inputs` checks find in the files they read (the judge's prompts file, downstream tasks'
+    local data).
     """
-    problems = input_problems(config_to_dict(config))
+    from collapse.corpus.sources import local_corpus_problems
+
+    problems = input_problems(config_to_dict(config)) or local_corpus_problems(config.corpus)
     for name in config.eval.metrics:
         inputs = registry()[name].inputs
         if inputs is not None:
@@ -577,7 +581,7 @@ def load_config(
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist"])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_strict.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from collapse import yaml_strict
 from collapse.config import (
     Config,
     ConfigError,
@@ -191,7 +192,7 @@ def sweep_report_store(artifact_root: str, name: str) -> RunStore:
 def is_sweep_file(path: str | Path) -> bool:
     """Whether `path` holds a sweep (a mapping with `base`, `grid` or `arms`), not a config."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml_strict.safe_load(Path(path).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False  # not a sweep: loading it as a config says what is wrong
     return isinstance(data, dict) and bool(_SWEEP_ONLY_KEYS & set(data))
@@ -294,7 +295,7 @@ def load_sweep(path: str | Path, *, check_inputs: bool = True) -> Sweep:
     if not path.is_file():
         raise SweepError(path, [f"sweep file {str(path)!r} does not exist"])
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_strict.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise SweepError(path, [f"not valid YAML: {exc}"]) from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -12,9 +12,9 @@ import functools
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from collapse import yaml_strict
 from collapse.sections import PositiveFloat, PositiveInt, Section
 
 TASK_TABLE_PATH = Path(__file__).resolve().parents[2] / "data" / "downstream" / "tasks.yaml"
@@ -74,7 +74,7 @@ class TaskSpec(Section):
 @functools.cache
 def builtin_table() -> dict[str, dict[str, Any]]:
     """The shipped task table (raw YAML entries, validated by `task_table`)."""
-    return yaml.safe_load(TASK_TABLE_PATH.read_text())
+    return yaml_strict.safe_load(TASK_TABLE_PATH.read_text())
 
 
 def merged_entries(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
+from collapse import yaml_strict
 from collapse.errors import UserError
 from collapse.store import atomic_write_bytes
 
@@ -137,7 +138,7 @@ def _read_prompt_file(path: Path) -> list[str]:
     data: Any
     if suffix in (".yaml", ".yml"):
         try:
-            data = yaml.safe_load(text)
+            data = yaml_strict.safe_load(text)
         except yaml.YAMLError as exc:
             raise ValueError(f"prompts file {path}: not valid YAML ({exc})") from None
     elif suffix == ".json":
