@@ -92,7 +92,33 @@ def staging_copies(base: Path) -> list[StagingCopy]:
         location = marker.read_text().strip() or "?"
         in_use = flocked(marker) is True
         copies.append(StagingCopy(marker.parent, location, size_of(marker.parent), in_use))
-    return copies
+    marked = [copy.path for copy in copies]
+    for folder in _unmarked_runs(base, marked):
+        # Made before copies were marked: every store of today's code that opens a copy marks
+        # it first, so none uses this one.
+        location = _location_of(base, folder)
+        copies.append(StagingCopy(folder, location, size_of(folder), in_use=False))
+    return sorted(copies, key=lambda copy: copy.path)
+
+
+def _unmarked_runs(base: Path, marked: list[Path]) -> list[Path]:
+    """Run folders under `base` without a marker: a `config.yaml` or a `gen-NNN` folder in
+    them, and no marked copy around them."""
+    found = {p.parent for p in base.rglob("config.yaml")}
+    found |= {p.parent for p in base.rglob("gen-[0-9][0-9][0-9]") if p.is_dir()}
+    return sorted(
+        folder
+        for folder in found
+        if not any(folder == m or folder.is_relative_to(m) for m in marked)
+        and not any(folder != f and folder.is_relative_to(f) for f in found)
+    )
+
+
+def _location_of(base: Path, folder: Path) -> str:
+    """The URL a copy at `folder` mirrors, from `staging_root`'s layout (scheme/netloc/path)."""
+    scheme, *rest = folder.relative_to(base).parts
+    # file:// URLs have no host: their first part is the path's
+    return f"{scheme}://{'/' if scheme == 'file' else ''}{'/'.join(rest)}"
 
 
 def remove(copy: StagingCopy) -> bool:

@@ -77,6 +77,20 @@ def test_a_copy_another_process_has_open_is_not_removed(url_root: str, tmp_path:
     assert not copy.in_use and remove(copy)
 
 
+def test_a_copy_made_before_copies_were_marked_is_listed_unused_and_removed(
+    url_root: str, tmp_path: Path
+):
+    store = _finished_run(url_root)
+    run_dir = store.run_dir
+    del store
+    gc.collect()
+    (run_dir / ".staging").unlink()  # as a copy made by a version that did not mark them
+    (copy,) = staging_copies(tmp_path / "staging")
+    assert copy.path == run_dir and copy.location == f"{url_root}/run"
+    assert not copy.in_use and copy.bytes >= 5000
+    assert remove(copy) and not run_dir.exists()
+
+
 def test_collapse_staging_lists_and_cleans(
     url_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
