@@ -256,7 +256,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return api_url
     # Where the workers find the code (resolved into the deployments' pull step): this checkout
     # for workers on this machine, /opt/collapse for the Docker image's.
+    # Absolute: the pull step runs in the worker's working directory, not this one.
     code_dir = Path(args.code_dir or os.environ.get("COLLAPSE_CODE_DIR") or CODE_DIR)
+    code_dir = Path(os.path.abspath(code_dir.expanduser()))
     declared = yaml.safe_load(PREFECT_FILE.read_text())["deployments"]
     pools = sorted({d["work_pool"]["name"] for d in declared})
 
