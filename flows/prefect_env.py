@@ -52,8 +52,7 @@ def configure() -> str | None:
     Returns:
         The API URL in use, or None for Prefect's ephemeral in-process server.
     """
-    home = prefect_home()
-    home.mkdir(parents=True, exist_ok=True)
+    home = prefect_home()  # made when a server needs it (`connect`): a refusal leaves none
     os.environ["PREFECT_HOME"] = str(home)
     # No network here and none wanted: never phone home.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -117,6 +116,7 @@ def connect(on_wait: Callable[[str], None] | None = None) -> str:
             )
         return api_url
     home = prefect_home()
+    home.mkdir(parents=True, exist_ok=True)
     with server_start_lock(home, on_wait):
         url = running_ui_api_url(home)  # a `collapse ui` may have come up while we waited
         if url:
