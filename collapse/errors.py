@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 
 class UserError(Exception):
     """A problem the user can fix: bad input, a missing file, a full disk, a run in use.
@@ -24,3 +28,17 @@ def cause_text(exc: BaseException) -> str:
     if len(text) > 300:
         text = text[:297] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def logger_silenced(name: str) -> Iterator[None]:
+    """Drop what logger `name` and its children log inside the block, for libraries that log
+    an error they also raise (`datasets` logs every file it fails to parse): the caller reports
+    it once, in its own words."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(logging.CRITICAL + 1)  # children without a level of their own inherit it
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

@@ -295,18 +295,13 @@ def freeze_config(ctx: Context) -> None:
     import yaml
 
     from collapse.config import ConfigError, config_hash
+    from collapse.started import run_id_clash
 
     store = ctx.store
+    clash = run_id_clash(store, ctx.config)
+    if clash:
+        raise ConfigError([clash])
     current = config_hash(ctx.config)
-    frozen = store.read_run_file(store.config_hash_path)
-    if frozen is not None and frozen.decode().strip() != current:
-        raise ConfigError(
-            [
-                f"run.run_id: run {store.run_id!r} was started with a different config "
-                f"(see {store.location}/{store.config_path.name}); choose another run.run_id "
-                "or leave it unset"
-            ]
-        )
     data = config_to_dict(ctx.config)
     store.write_run_file(store.config_path, yaml.safe_dump(data, sort_keys=False).encode())
     store.write_run_file(store.config_hash_path, (current + "\n").encode())

@@ -45,11 +45,30 @@ def under_earlier_defaults(config: Config) -> Config | None:
     return validate_config(with_earlier_values(config.model_dump(mode="json", exclude_unset=True)))
 
 
+def _frozen_hash(store: RunStore) -> str | None:
+    """The config hash the run in `store` was started with; None if it never started."""
+    frozen = store.read_run_file(store.config_hash_path)
+    return None if frozen is None else frozen.decode().strip()
+
+
 def started_with(config: Config) -> bool:
     """Whether the run `config` names exists and was started with this very config."""
     store = RunStore(config.run.artifact_root, run_id_for(config))
-    frozen = store.read_run_file(store.config_hash_path)
-    return frozen is not None and frozen.decode().strip() == config_hash(config)
+    return _frozen_hash(store) == config_hash(config)
+
+
+def run_id_clash(store: RunStore, config: Config) -> str | None:
+    """Why `config` cannot run in `store`: the run was started with another config (a
+    `run.run_id` given to two configs), else None. Checked before a run starts (`collapse
+    run`) and when its flow starts (`freeze_config`)."""
+    frozen = _frozen_hash(store)
+    if frozen is None or frozen == config_hash(config):
+        return None
+    return (
+        f"run.run_id: run {store.run_id!r} was started with a different config "
+        f"(see {store.location}/{store.config_path.name}); choose another run.run_id "
+        "or leave it unset"
+    )
 
 
 def as_started(config: Config) -> tuple[Config, str | None]:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from collapse.config import (
     Config,
     ConfigError,
+    RunConfig,
     config_to_dict,
     load_config,
     run_id_for,
@@ -28,6 +29,12 @@ from collapse.config import (
 )
 
 EXIT_USAGE = 2
+# where runs named by their id alone are: run.artifact_root's default
+DEFAULT_ROOT: str = RunConfig.model_fields["artifact_root"].default
+SWEEP_HAS_ROOTS = (
+    "--root does not go with --sweep: the sweep file says where each arm's run is "
+    "(its run.artifact_root)"
+)
 T = TypeVar("T")
 
 
@@ -146,7 +153,7 @@ def checked_config(path: str, overrides: list[str], sweep_hint: str) -> Config |
         overrides: `key=value` overrides.
         sweep_hint: what to say when `path` is a sweep file.
     """
-    from collapse.started import as_started
+    from collapse.started import as_started, run_id_clash
     from collapse.store import RunStore, root_problem
     from collapse.sweep import is_sweep_file
 
@@ -166,7 +173,11 @@ def checked_config(path: str, overrides: list[str], sweep_hint: str) -> Config |
     config, note = as_started(config)
     if note:
         print(note)
-    if not RunStore(config.run.artifact_root, run_id_for(config)).started():
+    store = RunStore(config.run.artifact_root, run_id_for(config))
+    clash = run_id_clash(store, config)
+    if clash:
+        return str(ConfigError([clash]))
+    if not store.started():
         missing = start_problems(config)
         if missing:
             return str(ConfigError(missing))
@@ -342,23 +353,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.sweep:
         if args.run is not None:
             return _fail("give a run or --sweep, not both")
+        if args.root is not None:
+            return _fail(SWEEP_HAS_ROOTS)
         return _sweep_status(args.sweep)
-    unreadable = root_problem(
-        args.root if args.run is None else run_location(args.run, args.root), write=False
-    )
+    root = args.root or DEFAULT_ROOT
+    unreadable = root_problem(root if args.run is None else run_location(args.run, root), False)
     if unreadable:
         return _fail(unreadable)
     if args.run is None:
-        runs = run_ids(args.root)
+        runs = run_ids(root)
         if not runs:
-            print(f"no runs under {args.root}")
+            print(f"no runs under {root}")
             return 0
         for run in runs:
-            store = RunStore(args.root, run)
+            store = RunStore(root, run)
             print(f"{run}  generations on disk: {len(store.generations_on_disk())}")
         return 0
     try:
-        ctx = open_run(run_location(args.run, args.root))
+        ctx = open_run(run_location(args.run, root))
     except RunNotFoundError as exc:
         return _fail(str(exc))
     print(f"run {ctx.store.run_id}  ({ctx.store.location})\n")
@@ -415,17 +427,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.sweep:
         if args.runs or args.out:
             return _fail("--sweep takes no runs and no --out (it writes to reports/sweep-NAME)")
+        if args.root is not None:
+            return _fail(SWEEP_HAS_ROOTS)
         from collapse.sweep_report import write_sweep_report
 
         sweep = _load_sweep(args.sweep, check_inputs=False)
         if isinstance(sweep, str):
             return _fail(sweep)
+        if not any(arm.store.started() for arm in sweep.runs):
+            return _fail(
+                f"no arm of sweep {sweep.name!r} has started, so there is nothing to report: "
+                f"run `collapse sweep {args.sweep}` first"
+            )
         write_sweep_report(sweep)
         print(f"report: {sweep.report_store.location}/report.html")
         return 0
     if not args.runs:
         return _fail("give one or more runs, or --sweep SWEEP.yaml")
-    runs = [run_location(r, args.root) for r in args.runs]
+    runs = [run_location(r, args.root or DEFAULT_ROOT) for r in args.runs]
     unreadable = [p for p in (root_problem(r, write=False) for r in runs) if p]
     if unreadable:
         return _fail("; ".join(unreadable))
@@ -571,12 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=cmd_sweep)
     status = sub.add_parser("status", help="per-generation stage table of a run or a sweep")
     status.add_argument("run", nargs="?", help="run id or run folder (omit to list runs)")
-    status.add_argument("--root", default="artifacts", help="artifact root (default: artifacts)")
+    status.add_argument("--root", default=None, help=f"artifact root (default: {DEFAULT_ROOT})")
     status.add_argument("--sweep", default=None, metavar="SWEEP", help="every arm of a sweep")
     status.set_defaults(func=cmd_status)
     report = sub.add_parser("report", help="write report.html and figures of runs or a sweep")
     report.add_argument("runs", nargs="*", help="run ids or run folders (several: overlay)")
-    report.add_argument("--root", default="artifacts", help="artifact root (default: artifacts)")
+    report.add_argument("--root", default=None, help=f"artifact root (default: {DEFAULT_ROOT})")
     report.add_argument("--out", default=None, help="output folder (default: see README)")
     report.add_argument(
         "--sweep", default=None, metavar="SWEEP", help="comparison report of a sweep's groups"

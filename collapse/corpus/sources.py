@@ -6,14 +6,16 @@ validation split is either the dataset's own or a seeded holdout, fixed for the 
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, load_dataset
 
-from collapse.errors import UserError, cause_text
+from collapse.errors import UserError, cause_text, logger_silenced
 from collapse.seeding import derive_seed
 
+PREVIEW_ROWS = 1000  # rows `local_corpus_problems` reads: a moment even for a large .txt
 _LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _FORMAT_HINTS = {
     "text": "a .txt corpus must be UTF-8 text (corpus.txt_mode: blocks | lines)",
@@ -44,7 +46,12 @@ def _hub(cfg: Any) -> tuple[Dataset, Dataset | None]:
     return train, val
 
 
-def _local(cfg: Any) -> Dataset:
+def _local_file(cfg: Any) -> tuple[Path, str, dict[str, Any]]:
+    """The local corpus file, its `datasets` builder and that builder's arguments.
+
+    Raises:
+        CorpusSourceError: the file is missing, empty, a folder or of an unknown type.
+    """
     path = Path(cfg.path)
     builder = _LOCAL_BUILDERS.get(path.suffix.lower())
     if builder is None:
@@ -66,13 +73,70 @@ def _local(cfg: Any) -> Dataset:
     kwargs: dict[str, Any] = {}
     if builder == "text":
         kwargs["sample_by"] = "paragraph" if cfg.txt_mode == "blocks" else "line"
+    return path, builder, kwargs
+
+
+def _unreadable(path: Path, builder: str, exc: Exception) -> CorpusSourceError:
+    return CorpusSourceError(
+        f"corpus.path: cannot read {str(path)!r} as {path.suffix} ({cause_text(exc)}); "
+        f"{_FORMAT_HINTS[builder]}"
+    )
+
+
+def _local(cfg: Any) -> Dataset:
+    path, builder, kwargs = _local_file(cfg)
     try:
-        return load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        with logger_silenced("datasets"):  # it logs the parse error we raise below
+            return load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # pyarrow, datasets and the OS raise many types; all mean "unreadable"
-        raise CorpusSourceError(
-            f"corpus.path: cannot read {str(path)!r} as {path.suffix} ({cause_text(exc)}); "
-            f"{_FORMAT_HINTS[builder]}"
-        ) from exc
+        raise _unreadable(path, builder, exc) from exc
+
+
+def local_corpus_problems(cfg: Any, rows: int = PREVIEW_ROWS) -> list[str]:
+    """What is wrong with a local corpus file that its first `rows` rows already show.
+
+    Streamed through the same `datasets` builder the corpus stage uses, so checking a config
+    costs a moment, and an unreadable file or a missing text column stops `collapse run`
+    before anything starts instead of in the corpus stage. Other sources: nothing to check
+    here (the hub is not fetched before the run).
+
+    Args:
+        cfg: the `CorpusConfig`.
+        rows: rows read.
+    """
+    if cfg.source != "local":
+        return []
+    try:
+        path, builder, kwargs = _local_file(cfg)
+    except CorpusSourceError as exc:
+        return [str(exc)]
+    column = _text_column(cfg)
+    try:
+        with logger_silenced("datasets"):
+            stream = load_dataset(
+                builder, data_files=str(path), split="train", streaming=True, **kwargs
+            )
+            first = list(itertools.islice(stream, rows))
+    except Exception as exc:  # a parse error surfaces while rows are read
+        return [str(_unreadable(path, builder, exc))]
+    if not first:
+        return [f"corpus.path: {cfg.path!r} holds no documents"]
+    if column not in first[0]:
+        return [
+            f"corpus.text_column: file {cfg.path!r} has no column {column!r} "
+            f"(columns: {', '.join(first[0])})"
+        ]
+    if not any(_is_text(row[column]) for row in first):
+        return [
+            f"corpus.path: {cfg.path!r} holds no text in column {column!r} (read its first "
+            f"{len(first)} rows)"
+        ]
+    return []
+
+
+def _text_column(cfg: Any) -> str:
+    """The column a local file's texts are in: `text` for .txt, else `corpus.text_column`."""
+    return cfg.text_column if Path(cfg.path).suffix.lower() != ".txt" else "text"
 
 
 def _synthetic(cfg: Any, seed: int) -> Dataset:
@@ -124,7 +188,7 @@ def load_documents(cfg: Any, run_seed: int) -> tuple[list[str], list[str]]:
         column, where = cfg.text_column, f"dataset {cfg.dataset!r}"
     elif cfg.source == "local":
         train_ds = _local(cfg)
-        column = cfg.text_column if Path(cfg.path).suffix.lower() != ".txt" else "text"
+        column = _text_column(cfg)
         where = f"file {cfg.path!r}"
     else:
         train_ds = _synthetic(cfg, derive_seed(run_seed, "corpus", "synthetic"))

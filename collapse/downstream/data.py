@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from collapse.downstream.tasks import TaskSpec
-from collapse.errors import UserError, cause_text
+from collapse.errors import UserError, cause_text, logger_silenced
 
 PREVIEW_ROWS = 1000  # rows per split `preview_problems` reads: a moment even for csv
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -192,7 +192,7 @@ def preview_problems(name: str, spec: TaskSpec, rows: int = PREVIEW_ROWS) -> lis
     problems = []
     for split in dict.fromkeys((spec.train_split, spec.eval_split)):
         try:
-            with _opened(name, spec, split, streaming=True) as ds:
+            with logger_silenced("datasets"), _opened(name, spec, split, streaming=True) as ds:
                 first = list(itertools.islice(ds, rows))
         except DownstreamTaskError as exc:
             problems.append(str(exc))
