@@ -58,6 +58,20 @@ def stage_key(ctx: Context, gen: int, stage: str) -> str:
     return sha256_json({"stage": stage, "version": entry.version, "parts": parts})
 
 
+def earlier_stage_keys(ctx: Context, gen: int, stage: str) -> list[str]:
+    """Keys of earlier releases under which a record of (`gen`, `stage`) holds today's result
+    (`Evaluation.earlier_key_parts`), newest first; [] for most stages."""
+    entry = stage_entry(stage)
+    if not isinstance(entry, Evaluation) or entry.earlier_key_parts is None:
+        return []
+    part = split_stage(stage)[1]
+    args = (ctx, gen) if part is None else (ctx, gen, part)
+    return [
+        sha256_json({"stage": stage, "version": entry.version, "parts": parts})
+        for parts in entry.earlier_key_parts(*args)
+    ]
+
+
 def needs_gpu(stage: str) -> bool:
     """Whether a stage runs a model (then it holds the GPU concurrency limit)."""
     return stage_entry(stage).needs_gpu
@@ -74,10 +88,14 @@ def stages_of(ctx: Context, gen: int) -> list[str]:
 def valid_record(ctx: Context, gen: int, stage: str) -> dict[str, Any] | None:
     """The stage's record if it is done and its outputs intact, else None."""
     try:
-        key = stage_key(ctx, gen, stage)
+        keys = [stage_key(ctx, gen, stage), *earlier_stage_keys(ctx, gen, stage)]
     except RuntimeError:  # a parent stage is not done
         return None
-    return ctx.store.valid_record(gen, stage, key)
+    for key in keys:
+        record = ctx.store.valid_record(gen, stage, key)
+        if record is not None:
+            return record
+    return None
 
 
 def _drop_downstream(ctx: Context, gen: int, stage: str) -> None:
@@ -191,6 +209,11 @@ def _run_stage(ctx: Context, gen: int, stage: str) -> dict[str, Any]:
     record = ctx.store.valid_record(gen, stage, key)
     if record is not None:
         return {**record, "reused": True}
+    for earlier in earlier_stage_keys(ctx, gen, stage):
+        record = ctx.store.valid_record(gen, stage, earlier)
+        if record is not None:  # made under an earlier release's key formula: same result
+            ctx.log(f"gen {gen} {stage}: kept, recorded under today's key")
+            return {**ctx.store.rekey(gen, stage, record, key), "reused": True}
     # What the stage's dependants were computed from: a chain stage recomputed to the same
     # bytes (a lost file, an identical retraining) leaves them valid, since their keys chain
     # its content digest, not the fact that it ran again.

@@ -614,6 +614,29 @@ class RunStore:
             atomic_write_json(self.manifest_path(generation), manifest)
         return record
 
+    def rekey(
+        self, generation: int, stage: str, record: dict[str, Any], key: str
+    ) -> dict[str, Any]:
+        """Write a valid `record` again under `key`, its outputs untouched; the new record.
+
+        For a record made under an earlier formula of the same stage's key
+        (`collapse.pipeline.earlier_stage_keys`), so that later changes of what the formula
+        no longer holds leave it valid.
+        """
+        rekeyed = {**record, "key": key}
+        if self.remote is not None:
+            self._check_lease(f"generation {generation}, stage {stage}")
+            blob = (json.dumps(rekeyed, indent=2, sort_keys=True) + "\n").encode()
+            gen_dir = self.gen_dir(generation).name
+            self.remote.put_bytes(blob, self._object(record_rel(gen_dir, stage)))
+            return rekeyed
+        with self.manifest_update(generation):
+            manifest = self.read_manifest(generation)
+            if manifest["stages"].get(stage, {}).get("key") == record.get("key"):
+                manifest["stages"][stage] = rekeyed
+                atomic_write_json(self.manifest_path(generation), manifest)
+        return rekeyed
+
     @contextlib.contextmanager
     def manifest_update(self, generation: int) -> Iterator[None]:
         """Hold the generation's manifest for a read-modify-write.

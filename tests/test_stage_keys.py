@@ -15,7 +15,7 @@ import pytest
 
 from collapse.config import config_hash, config_to_dict, load_config, run_id_for
 from collapse.context import Context
-from collapse.pipeline import stage_key, stages_of
+from collapse.pipeline import earlier_stage_keys, stage_key, stages_of
 from collapse.store import RunStore, atomic_write_json
 
 from .conftest import EARLIER_DEFAULTS, REPO, mark_started
@@ -59,6 +59,12 @@ ADDED_KEYS = {  # source_fit, 2026-12-07
         "03b1ed3bd304d40ff96e3b9a0334a42589d864d15d034996b0f91dd6d1568296"
     ),
 }
+# Keys whose formula changed without changing the result; the pins above stay accepted
+# (`Evaluation.earlier_key_parts`), so no finished work is recomputed.
+REKEYED = {  # judge, 2026-12-07: eval.judge.generations left the key
+    "0/eval.judge": "3ccdd900ec9c5e2137d1b8860c42fc53f24743f72f4837946c8cca982b376c15",
+    "1/eval.judge": "9695d44c127a9b0fd64afc79b10e7753c6223c573424c8e76c2b543a5fe144e0",
+}
 RUN_IDS = {"demo.yaml": "demo-9af23572f8", "paper-33m.yaml": "paper-33m-a8eb729f88"}
 EARLIER = EARLIER_DEFAULTS
 PAPER_33M_TRAIN_1 = "4e45b9ca596f01fb413ac531640eb193bcf37ec8c965e796a1aef878e92387c8"
@@ -77,12 +83,47 @@ def _context(config_name: str, root: Path, overrides: tuple[str, ...] = tuple(EA
     return Context(config, store, log=lambda _: None)
 
 
+def _accepted_keys(ctx: Context) -> dict[str, str]:
+    """Stage -> the key its record may carry: today's, or an earlier formula's where one of
+    those is pinned (so a rekeyed stage is compared against its pin)."""
+    pinned = DEMO_KEYS | ADDED_KEYS
+    keys = {}
+    for gen in (0, 1, 2):
+        for stage in stages_of(ctx, gen):
+            name, accepted = f"{gen}/{stage}", [stage_key(ctx, gen, stage)]
+            accepted += earlier_stage_keys(ctx, gen, stage)
+            keys[name] = pinned[name] if pinned.get(name) in accepted else accepted[0]
+    return keys
+
+
 def test_demo_stage_keys_are_those_of_earlier_releases(tmp_path: Path):
     ctx = _context("demo.yaml", tmp_path)
-    keys = {f"{g}/{s}": stage_key(ctx, g, s) for g in (0, 1, 2) for s in stages_of(ctx, g)}
+    keys = _accepted_keys(ctx)
     assert {k: keys[k] for k in DEMO_KEYS} == DEMO_KEYS
     assert {k: keys[k] for k in ADDED_KEYS} == ADDED_KEYS
+    assert {k: stage_key(ctx, int(k.split("/")[0]), k.split("/", 1)[1]) for k in REKEYED} == REKEYED
     assert config_hash(ctx.config).startswith(RUN_IDS["demo.yaml"].split("-")[-1])
+
+
+def test_a_record_under_an_earlier_key_is_reused_rekeyed_and_stays_valid(tmp_path: Path):
+    """A judge record made when its key held eval.judge.generations: reused (not graded
+    again), recorded under today's key, and still valid after judging another generation."""
+    from collapse.pipeline import run_stage, valid_record
+
+    ctx = _context("demo.yaml", tmp_path)
+    store = ctx.store
+    made = {"key": DEMO_KEYS["1/eval.judge"], "outputs": {}, "digest": "d", "info": {"n": 1}}
+    with store.manifest_update(1):
+        manifest = store.read_manifest(1)
+        manifest["stages"]["eval.judge"] = made
+        atomic_write_json(store.manifest_path(1), manifest)
+    assert valid_record(ctx, 1, "eval.judge") == made  # `collapse status` counts it done
+    ran = run_stage(ctx, 1, "eval.judge")
+    assert ran["reused"] and ran["info"] == {"n": 1} and ran["key"] == REKEYED["1/eval.judge"]
+    assert store.read_record(1, "eval.judge")["key"] == REKEYED["1/eval.judge"]
+    judged = [*EARLIER, "eval.judge.generations=[1, 2]"]
+    more = Context(load_config(REPO / "configs" / "demo.yaml", judged), store, log=print)
+    assert run_stage(more, 1, "eval.judge")["reused"]
 
 
 @pytest.mark.parametrize("name", sorted(RUN_IDS))
@@ -118,7 +159,7 @@ def test_todays_defaults_change_only_the_sample_keys(tmp_path: Path):
     """The implementation is in no stage key (it computes the same function); the story rng
     draws other tokens, so the sample stages, and only they, have other keys."""
     ctx = _context("demo.yaml", tmp_path, ())
-    keys = {f"{g}/{s}": stage_key(ctx, g, s) for g in (0, 1, 2) for s in stages_of(ctx, g)}
+    keys = _accepted_keys(ctx)
     pinned = DEMO_KEYS | ADDED_KEYS
     differing = sorted(k for k in pinned if keys[k] != pinned[k])
     assert differing == ["1/sample", "2/sample"]

@@ -66,6 +66,11 @@ class Evaluation:
             baseline), not the human corpus: comparisons draw it as a line of its own, not as
             the start of the generations' curve.
         key_parts: the stage's inputs (config values, content digests of what it reads).
+        earlier_key_parts: the `key_parts` of earlier releases whose records hold the result
+            today's would (a setting that left the key because it never changed the result),
+            newest first, as a list of key-parts lists. A record under one of them counts as
+            done and is rewritten under today's key when a run reaches it, so a key's change
+            of formula costs users no finished work.
         run: computes the result dict and returns it with any extra output files.
         order: position among evaluations (default list, tables, figures).
         default: part of `eval.metrics` when a config does not list them.
@@ -104,6 +109,7 @@ class Evaluation:
     check: Callable[[Any], list[str]] | None = None
     inputs: Callable[[Any], list[str]] | None = None
     parts: Callable[[Any], list[str]] | None = None
+    earlier_key_parts: Callable[..., list[list[Any]]] | None = None  # as key_parts
 
     @property
     def stage(self) -> str:

@@ -141,6 +141,17 @@ def _inputs(config: Any) -> list[str]:
 
 
 def _key(ctx: Context, gen: int) -> list[Any]:
+    # Which generations are judged does not change one generation's grades.
+    return _key_of(ctx, gen, exclude={"generations"})
+
+
+def _earlier_keys(ctx: Context, gen: int) -> list[list[Any]]:
+    # Until 2026-12-07 the key held eval.judge.generations: judging one more generation
+    # recomputed every judged one.
+    return [_key_of(ctx, gen, exclude=set())]
+
+
+def _key_of(ctx: Context, gen: int, exclude: set[str]) -> list[Any]:
     from collapse.judge.instruction import INSTRUCTION_VERSION
     from collapse.models import resolve_model_fields
 
@@ -148,7 +159,7 @@ def _key(ctx: Context, gen: int) -> list[Any]:
     # Where and how the judge is reached does not change its grades (same model, same cache).
     operational = {"api_key_env", "api_key_secret", "base_url", "max_concurrency", "timeout_s"}
     operational |= {"max_attempts", "token_limit_param"}
-    settings = judge.model_dump(mode="json", exclude=operational)
+    settings = judge.model_dump(mode="json", exclude=operational | exclude)
     skip = judge_skip_reason(ctx.config)
     if gen == 0:  # the random-init baseline: architecture, tokenizer and seed make the model
         model = [resolve_model_fields(ctx.config.model), ctx.config.run.seed]
@@ -425,6 +436,7 @@ EVALUATION = Evaluation(
     on_human_corpus=True,
     baseline_at_zero=True,  # generation 0: the random-init model
     key_parts=_key,
+    earlier_key_parts=_earlier_keys,
     run=_run,
     order=60,
     settings=JudgeConfig,
