@@ -38,15 +38,28 @@ SWEEP_HAS_ROOTS = (
 T = TypeVar("T")
 
 
-def port_number(text: str) -> int:
-    """An argparse type: a TCP port, 1-65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is no port: use 1-65535")
-    return port
+def whole_number(low: int, high: int | None, out_of_range: str) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high] (no upper bound when `high` is None).
+
+    Args:
+        low: the least value.
+        high: the greatest value, or None.
+        out_of_range: the message for a number outside; `{value}` is replaced by it.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(out_of_range.format(value=value))
+        return value
+
+    return parse
+
+
+port_number = whole_number(1, 65535, "{value} is no port: use 1-65535")
 
 
 def _fail(message: str) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 from collapse.config import Config, config_to_dict, run_id_for
 from collapse.object_store import is_url
 from collapse.store import RunStore
-from flows.cli import _fail, checked_config
+from flows.cli import _fail, checked_config, whole_number
 
 CODE_DIR = Path(__file__).resolve().parents[1]
 PREFECT_FILE = CODE_DIR / "prefect.yaml"
@@ -312,17 +312,6 @@ def _deployment_name(text: str) -> str:
     return text
 
 
-def _pool_limit(text: str) -> int:
-    """An argparse type: a number of flow runs, 0 or more."""
-    try:
-        limit = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if limit < 0:
-        raise argparse.ArgumentTypeError(f"{limit}: a pool runs 0 or more flow runs at once")
-    return limit
-
-
 def add_parsers(sub: Any) -> None:
     """Add `submit` and `deploy` to the `collapse` subcommands."""
     submit = sub.add_parser("submit", help="queue a run on a work pool (a worker runs it)")
@@ -341,7 +330,7 @@ def add_parsers(sub: Any) -> None:
     deploy = sub.add_parser("deploy", help="create the work pools and deployments of prefect.yaml")
     deploy.add_argument(
         "--pool-limit",
-        type=_pool_limit,
+        type=whole_number(0, None, "{value}: a pool runs 0 or more flow runs at once"),
         default=None,
         metavar="N",
         help="run at most N flow runs at once on each pool (the rest wait, queued)",
