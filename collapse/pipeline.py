@@ -181,11 +181,7 @@ def _release_staged(ctx: Context) -> int:
             manifests[gen] = store.read_manifest(gen)["stages"]
         return manifests[gen]
 
-    staged = sorted(
-        int(folder.name[4:])
-        for folder in store.run_dir.glob("gen-*")
-        if folder.name[4:].isdigit() and int(folder.name[4:]) >= 1
-    )
+    staged = [gen for gen in store.generations_here() if gen >= 1]
     freed = 0
     for gen in staged:
         # the chain stages whose main output (model, corpus) this machine holds a copy of

@@ -22,7 +22,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -330,6 +330,11 @@ def root_problem(root: str | Path, write: bool = True) -> str | None:
     return problem or ObjectRoot(str(root)).problem(write)
 
 
+def _generation_numbers(names: Iterable[str]) -> list[int]:
+    """The sorted generation numbers of folder names `gen-NNN` among `names`."""
+    return sorted(int(n[4:]) for n in names if n.startswith("gen-") and n[4:].isdigit())
+
+
 def _local_write_problem(root: Path) -> str | None:
     """Why folder `root` cannot be created or written here, found by doing it: permissions do
     not tell (root may write anywhere yet not create folders under /proc, and a read-only mount
@@ -536,14 +541,17 @@ class RunStore:
         return data
 
     def generations_on_disk(self) -> list[int]:
-        """Generation numbers that have a folder."""
+        """Generation numbers that have a folder (under a URL root: at the URL)."""
         if self.remote is not None:
-            names = self.remote.children(self.run_id)
-        elif self.run_dir.is_dir():
-            names = [child.name for child in self.run_dir.glob("gen-*") if child.is_dir()]
-        else:
+            return _generation_numbers(self.remote.children(self.run_id))
+        return self.generations_here()
+
+    def generations_here(self) -> list[int]:
+        """Generation numbers that have a folder in `run_dir` (under a URL root: the staging
+        copy, which may hold fewer than the URL)."""
+        if not self.run_dir.is_dir():
             return []
-        return sorted(int(n[4:]) for n in names if n.startswith("gen-") and n[4:].isdigit())
+        return _generation_numbers(c.name for c in self.run_dir.glob("gen-*") if c.is_dir())
 
     def record_stage(
         self,
