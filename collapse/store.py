@@ -415,7 +415,6 @@ class RunStore:
         # Files this store has on the URL already: run-relative path -> (size, mtime_ns) of
         # the local copy then (e.g. sample shards saved as they were written).
         self._uploaded: dict[str, tuple[int, int]] = {}
-        self._lease: Lease | None = None  # while `lock` holds the run by a lease
         self._staging_hold: IO[str] | None = None
         if self.run_dir.is_dir():
             self._hold_copy()
@@ -431,7 +430,6 @@ class RunStore:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_staging_hold"] = None  # an open file: the unpickled store takes its own
-        state["_lease"] = None  # the lock is this process's, not a copy's
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -816,6 +814,10 @@ class RunStore:
         if published is not None:
             os.utime(path, (published, published))
 
+    def held_lease(self) -> Lease | None:
+        """The lease by which this process holds the run (see `lock`), if it does."""
+        return _HELD_LEASES.get(self.location)
+
     def _check_lease(self, what: str) -> None:
         """Stop before publishing `what` if this process lost the run's lease (it stalled or
         was cut off for longer than the lease lives, and another process may be running the
@@ -824,7 +826,7 @@ class RunStore:
         Raises:
             LeaseLostError: the lease is no longer this process's for sure.
         """
-        lease = self._lease or _HELD_LEASES.get(self.location)
+        lease = self.held_lease()
         if lease is not None and not lease.held():
             raise LeaseLostError(
                 f"run {self.run_id}: this process lost the run's lease ({lease.url}: not "
@@ -1026,12 +1028,10 @@ class RunStore:
                     raise RunLockedError(
                         f"run {self.run_id} is in use by another process: {exc}"
                     ) from None
-                self._lease = lease
                 _HELD_LEASES[self.location] = lease
                 try:
                     yield
                 finally:
-                    self._lease = None
                     _HELD_LEASES.pop(self.location, None)
                     lease.release()
             else:

@@ -100,6 +100,7 @@ def test_a_holder_cut_off_from_the_store_for_a_whole_lease_stops_before_publishi
     atomic_write_bytes(folder / "weights", b"w" * 100)
     with store.lock():
         # as if every renewal since the last one had failed on the network for a whole ttl
-        store._lease._renewed_at -= store._lease.ttl
+        lease = store.held_lease()
+        lease._renewed_at -= lease.ttl
         with pytest.raises(LeaseLostError, match="not renewed for 3 s"):
             store.record_stage(1, "train", "k", [folder])
