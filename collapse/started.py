@@ -12,17 +12,21 @@ run with the new value.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from collapse.config import (
     HASH_NEUTRAL,
     Config,
+    ConfigError,
     config_hash,
+    load_config,
     run_id_for,
+    start_problems,
     validate_config,
     with_earlier_values,
 )
-from collapse.store import RunStore
+from collapse.store import RunStore, root_problem
 
 
 def unset_changed_defaults(config: Config) -> dict[str, tuple[Any, Any]]:
@@ -101,3 +105,43 @@ def earlier_defaults_note(subject: str, what: str, changed: dict[str, tuple[Any,
         f"{subject} started before today's defaults: {what} as started ({was}); "
         f"to use today's defaults instead, set {now}"
     )
+
+
+def config_to_run(
+    path: str | Path, overrides: list[str], *, check_inputs: bool
+) -> tuple[Config | None, list[str], str | None]:
+    """The config a run of `path` with `overrides` runs under, as `collapse run`, `submit` and
+    `sweep` (per arm) check it before anything starts.
+
+    Every config problem is reported at once, missing input files included. With
+    `check_inputs` (a run is about to start): the artifact root must be writable (a URL root is
+    probed with an object written and removed), the run folder must not hold a run of another
+    config, and input files are checked before a run's first start only (a resumed run may no
+    longer need them; the stage that reads a file checks it if it must run). Without (`status`,
+    `report`): the root must be readable. A run started under defaults that have changed since
+    runs as it was started (`as_started`).
+
+    Returns:
+        (the config or None, its problems as "dotted.key: message" lines, the line to tell the
+        user when it is a run started under earlier defaults, else None).
+    """
+    try:
+        config = load_config(path, overrides, check_inputs=False)
+    except ConfigError:
+        try:
+            load_config(path, overrides)
+        except ConfigError as exc:
+            return None, exc.problems, None
+        raise
+    unusable = root_problem(config.run.artifact_root, write=check_inputs)
+    if unusable:
+        return None, [f"run.artifact_root: {unusable}"], None
+    config, note = as_started(config)
+    if not check_inputs:
+        return config, [], note
+    store = RunStore(config.run.artifact_root, run_id_for(config))
+    clash = run_id_clash(store, config)
+    if clash:
+        return None, [clash], note
+    missing = [] if store.started() else start_problems(config)
+    return (None if missing else config), missing, note

@@ -24,22 +24,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from collapse import yaml_strict
 from collapse.config import (
     Config,
-    ConfigError,
     config_to_dict,
-    load_config,
     run_id_for,
-    start_problems,
 )
 from collapse.errors import UserError, cause_text
 from collapse.sections import PositiveInt
 from collapse.started import (
-    as_started,
+    config_to_run,
     earlier_defaults_note,
     started_with,
     under_earlier_defaults,
     unset_changed_defaults,
 )
-from collapse.store import RunStore, canonical_root, child_root, root_problem
+from collapse.store import RunStore, canonical_root, child_root
 
 SEED_KEY = "run.seed"
 # Keys a sweep file has and a config never has: how a sweep file is told from a config.
@@ -230,28 +227,10 @@ def _differences(a: Config, b: Config) -> list[str]:
 def _load_arm(
     base: Path, overrides: list[str], check_inputs: bool
 ) -> tuple[Config | None, list[str], bool]:
-    """An arm's config, or its problems (missing input files too, as `collapse run` reports),
-    and whether it is a run started under earlier defaults (`collapse.started`)."""
-    try:
-        config = load_config(base, overrides, check_inputs=False)
-    except ConfigError:
-        try:
-            load_config(base, overrides)
-        except ConfigError as exc:
-            return None, exc.problems, False
-        raise
-    # as `collapse run` does before it starts anything (writing), or `collapse status` (reading)
-    unusable = root_problem(config.run.artifact_root, write=check_inputs)
-    if unusable:
-        return None, [f"run.artifact_root: {unusable}"], False
-    config, note = as_started(config)
-    # A started run may no longer need its inputs (as in `collapse run`): checked before start.
-    started = RunStore(config.run.artifact_root, run_id_for(config)).started()
-    if check_inputs and not started:
-        missing = start_problems(config)
-        if missing:
-            return None, missing, False
-    return config, [], note is not None
+    """An arm's config, or its problems (as `collapse run` reports them, `config_to_run`), and
+    whether it is a run started under earlier defaults (`collapse.started`)."""
+    config, problems, note = config_to_run(base, overrides, check_inputs=check_inputs)
+    return config, problems, note is not None
 
 
 def _arm_points(spec: SweepFile) -> list[tuple[str, str, list[str]]]:

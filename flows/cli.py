@@ -23,9 +23,7 @@ from collapse.config import (
     ConfigError,
     RunConfig,
     config_to_dict,
-    load_config,
     run_id_for,
-    start_problems,
 )
 
 EXIT_USAGE = 2
@@ -151,49 +149,24 @@ def _lost_api(exc: Exception, api_url: str, shared: bool) -> str | None:
 
 def checked_config(path: str, overrides: list[str], sweep_hint: str) -> Config | str:
     """The validated config, or the message to fail with: what `collapse run` and `collapse
-    submit` check before a run starts.
-
-    Every config problem is reported at once, missing input files included. Input files are
-    checked only before a run's first start (no config.yaml in its folder yet): a resumed run may
-    no longer need them (its corpus stage is done), and the stage that reads a file checks it if
-    it must run. A URL artifact root is probed (a probe object written and removed), so missing
-    credentials or a missing bucket stop here, not in the middle of a run. A run started under
-    defaults that have changed since is resumed as it was started, with a line saying so
-    (`collapse.started`).
+    submit` check before a run starts (`collapse.started.config_to_run`; a line says so when
+    the run resumes as it was started under earlier defaults).
 
     Args:
         path: the config file.
         overrides: `key=value` overrides.
         sweep_hint: what to say when `path` is a sweep file.
     """
-    from collapse.started import as_started, run_id_clash
-    from collapse.store import RunStore, root_problem
+    from collapse.started import config_to_run
     from collapse.sweep import is_sweep_file
 
     if is_sweep_file(path):
         return f"{path} is a sweep file: {sweep_hint}"
-    try:
-        config = load_config(path, overrides, check_inputs=False)
-    except ConfigError:
-        try:
-            load_config(path, overrides)
-        except ConfigError as exc:
-            return str(exc)
-        raise
-    unusable = root_problem(config.run.artifact_root)
-    if unusable:
-        return f"run.artifact_root: {unusable}"
-    config, note = as_started(config)
+    config, problems, note = config_to_run(path, overrides, check_inputs=True)
     if note:
         print(note)
-    store = RunStore(config.run.artifact_root, run_id_for(config))
-    clash = run_id_clash(store, config)
-    if clash:
-        return str(ConfigError([clash]))
-    if not store.started():
-        missing = start_problems(config)
-        if missing:
-            return str(ConfigError(missing))
+    if config is None:
+        return str(ConfigError(problems))
     return config
 
 
