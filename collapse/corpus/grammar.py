@@ -204,7 +204,9 @@ def read_spec(path: Path) -> tuple[dict[str, Any], str]:
     spec: dict[str, Any] = {key: {} for key in _SECTIONS}
     digest = hashlib.sha256()
     for file in files:
-        raw = file.read_bytes()
+        # Line endings normalised: a checkout with CRLF (git's autocrlf on Windows) holds the
+        # same grammar, so the same stories, and must give the same fingerprint (so run keys).
+        raw = file.read_bytes().replace(b"\r\n", b"\n")
         digest.update(file.name.encode() + b"\0" + raw + b"\0")
         doc = yaml.load(raw, Loader=_LOADER) or {}
         if not isinstance(doc, dict) or set(doc) - _TOP_KEYS:
