@@ -202,7 +202,8 @@ def sample_corpus(
     sha256, so a restarted run skips exactly the shards that are complete and intact. Stories
     start after the tokenizer's start token and end at its end token
     (`collapse.tokenizer.special_ids`). `saved`, if given, is called with each finished shard
-    and then the progress file (e.g. to upload them, `RunStore.save_partial`).
+    and then the progress file (e.g. to upload them, `RunStore.save_partial`). The progress
+    file is left in place: the caller removes it once the shards are safe (recorded).
 
     Returns:
         Stats: sequences, shards, shards_reused, tokens (EOS excluded), finished_fraction,
@@ -271,7 +272,8 @@ def sample_corpus(
         for index, ids, ended in shards:
             write(index, ids, ended)
     bar.close()
-    progress_path.unlink(missing_ok=True)
+    # The progress file stays: removed once the shards are recorded (`RunStore.discard_partial`
+    # in the stage's `finish`), a kill before that resumes with every shard done.
     n = cfg.num_sequences
     return {
         "shards": len(sizes),

@@ -156,3 +156,31 @@ def test_a_machine_killed_while_publishing_its_model_leaves_its_checkpoint_to_re
     resumed = run_stage(machine("b"), 1, "train")
     assert resumed["info"]["resumed_from_step"] > 0
     assert not [n for n in root.stored(first.store) if "train-state" in n]
+
+
+def test_a_run_killed_while_recording_its_corpus_resumes_with_every_shard_done(
+    story_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Hashing and recording a sampled corpus takes a moment (seconds at paper scale); a kill
+    meanwhile must find the progress file still there, not sample every shard again."""
+    data = tiny_config_dict(story_file, str(tmp_path / "artifacts"), generations=1)
+    data["eval"] = {"metrics": ["entropy"]}
+    ctx = Context(validate_config(data), RunStore(tmp_path / "artifacts", "run"), log=print)
+    freeze_config(ctx)
+    for gen, stage in ((0, "corpus"), (1, "train")):
+        run_stage(ctx, gen, stage)
+    record = RunStore.record_stage
+
+    def killed_while_recording(store: RunStore, generation: int, stage: str, *args, **kwargs):
+        if stage == "sample":
+            raise KeyboardInterrupt
+        return record(store, generation, stage, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunStore, "record_stage", killed_while_recording)
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(ctx, 1, "sample")
+    resumed = run_stage(ctx, 1, "sample")
+    assert resumed["info"]["shards_reused"] == resumed["info"]["shards"] == 3
+    assert not ctx.store.sample_progress_path(1).exists()  # gone once the record is written
+    assert sorted(resumed["outputs"]) == [f"gen-001/corpus/part-0000{i}.parquet" for i in range(3)]

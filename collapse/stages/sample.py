@@ -29,6 +29,7 @@ def _key(ctx: Context, gen: int) -> list[Any]:
 
 
 def _run(ctx: Context, gen: int, key: str) -> tuple[list[Path], dict[str, Any]]:
+    from collapse.corpus.parquet import shard_paths
     from collapse.device import pick_device
     from collapse.sample import progress_shards, sample_corpus
     from collapse.seeding import derive_seed
@@ -56,9 +57,10 @@ def _run(ctx: Context, gen: int, key: str) -> tuple[list[Path], dict[str, Any]]:
         log=ctx.log,
         saved=ctx.store.save_partial,
     )
-    # `sample_corpus` removed the progress file here (it is no output); the copy saved at a
-    # URL root goes once the record is (`_finish`), so a kill before then resumes from it
-    return [corpus_dir], stats
+    # The shards, not the folder: the progress file beside them is no output. It goes once
+    # the record is written (`_finish`, here and at a URL root), so a kill while the shards
+    # are hashed or published resumes with every shard done instead of sampling again.
+    return shard_paths(corpus_dir), stats
 
 
 def _finish(ctx: Context, gen: int) -> None:
