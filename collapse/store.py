@@ -610,15 +610,24 @@ class RunStore:
                     if self._uploaded.get(rel) != _stamp(self.run_dir / rel)
                 ],
             )
+        self._write_record(generation, stage, record)
+        return record
+
+    def _write_record(
+        self, generation: int, stage: str, record: dict[str, Any], replacing: str | None = None
+    ) -> None:
+        """Write a stage's record: its object at a URL root (the lease checked by the caller),
+        else its entry in the manifest; with `replacing`, only over a record of that key."""
+        if self.remote is not None:
             blob = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
             gen_dir = self.gen_dir(generation).name
             self.remote.put_bytes(blob, self._object(record_rel(gen_dir, stage)))
-            return record
+            return
         with self.manifest_update(generation):
             manifest = self.read_manifest(generation)
-            manifest["stages"][stage] = record
-            atomic_write_json(self.manifest_path(generation), manifest)
-        return record
+            if replacing is None or manifest["stages"].get(stage, {}).get("key") == replacing:
+                manifest["stages"][stage] = record
+                atomic_write_json(self.manifest_path(generation), manifest)
 
     def rekey(
         self, generation: int, stage: str, record: dict[str, Any], key: str
@@ -632,15 +641,7 @@ class RunStore:
         rekeyed = {**record, "key": key}
         if self.remote is not None:
             self._check_lease(f"generation {generation}, stage {stage}")
-            blob = (json.dumps(rekeyed, indent=2, sort_keys=True) + "\n").encode()
-            gen_dir = self.gen_dir(generation).name
-            self.remote.put_bytes(blob, self._object(record_rel(gen_dir, stage)))
-            return rekeyed
-        with self.manifest_update(generation):
-            manifest = self.read_manifest(generation)
-            if manifest["stages"].get(stage, {}).get("key") == record.get("key"):
-                manifest["stages"][stage] = rekeyed
-                atomic_write_json(self.manifest_path(generation), manifest)
+        self._write_record(generation, stage, rekeyed, replacing=record.get("key"))
         return rekeyed
 
     @contextlib.contextmanager

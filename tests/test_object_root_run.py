@@ -125,6 +125,23 @@ def test_training_killed_on_one_machine_resumes_from_its_checkpoint_on_another(
     assert uninterrupted["info"]["resumed_from_step"] == 0
 
 
+def _killed_while_recording(
+    ctx: Context, gen: int, stage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run (gen, stage) in a process that dies as it records the stage (KeyboardInterrupt)."""
+    record = RunStore.record_stage
+
+    def killed(store: RunStore, generation: int, name: str, *args, **kwargs):
+        if name == stage:
+            raise KeyboardInterrupt
+        return record(store, generation, name, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunStore, "record_stage", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(ctx, gen, stage)
+
+
 def test_a_machine_killed_while_publishing_its_model_leaves_its_checkpoint_to_resume_from(
     s3_endpoint: str, story_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -142,17 +159,7 @@ def test_a_machine_killed_while_publishing_its_model_leaves_its_checkpoint_to_re
     first = machine("a")
     freeze_config(first)
     run_stage(first, 0, "corpus")
-    record = RunStore.record_stage
-
-    def killed_while_publishing(store: RunStore, generation: int, stage: str, *args, **kwargs):
-        if stage == "train":
-            raise KeyboardInterrupt
-        return record(store, generation, stage, *args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(RunStore, "record_stage", killed_while_publishing)
-        with pytest.raises(KeyboardInterrupt):
-            run_stage(first, 1, "train")
+    _killed_while_recording(first, 1, "train", monkeypatch)
     resumed = run_stage(machine("b"), 1, "train")
     assert resumed["info"]["resumed_from_step"] > 0
     assert not [n for n in root.stored(first.store) if "train-state" in n]
@@ -169,17 +176,7 @@ def test_a_run_killed_while_recording_its_corpus_resumes_with_every_shard_done(
     freeze_config(ctx)
     for gen, stage in ((0, "corpus"), (1, "train")):
         run_stage(ctx, gen, stage)
-    record = RunStore.record_stage
-
-    def killed_while_recording(store: RunStore, generation: int, stage: str, *args, **kwargs):
-        if stage == "sample":
-            raise KeyboardInterrupt
-        return record(store, generation, stage, *args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(RunStore, "record_stage", killed_while_recording)
-        with pytest.raises(KeyboardInterrupt):
-            run_stage(ctx, 1, "sample")
+    _killed_while_recording(ctx, 1, "sample", monkeypatch)
     resumed = run_stage(ctx, 1, "sample")
     assert resumed["info"]["shards_reused"] == resumed["info"]["shards"] == 3
     assert not ctx.store.sample_progress_path(1).exists()  # gone once the record is written
