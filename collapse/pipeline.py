@@ -11,6 +11,7 @@ parent survives, even if the run is killed midway.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -340,8 +341,16 @@ def overlaps_evaluations(config: Any) -> bool:
 
 
 def table_columns(config: Any) -> list[Column]:
-    """The per-generation table's value columns: those of the configured evaluations."""
-    return [c for m in config.eval.metrics for c in evaluation(m).columns_for(config)]
+    """The per-generation table's value columns: those of the configured evaluations (marked
+    `baseline_at_zero` where the evaluation's generation 0 is the random-init baseline)."""
+    columns = []
+    for name in config.eval.metrics:
+        entry = evaluation(name)
+        for column in entry.columns_for(config):
+            if entry.baseline_at_zero:
+                column = dataclasses.replace(column, baseline_at_zero=True)
+            columns.append(column)
+    return columns
 
 
 def metrics_table(

@@ -21,7 +21,7 @@ from collapse.errors import UserError
 from collapse.evals import Figure, registry
 from collapse.pipeline import metrics_table, table_columns
 from collapse.store import atomic_write_bytes
-from collapse.table import format_cell, markdown_table
+from collapse.table import markdown_table, row_cells, table_note
 
 
 class ReportError(UserError):
@@ -76,9 +76,11 @@ def _table_html(run: RunData) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in ["gen", *(c.header for c in columns)])
     body = []
     for row in run.rows:
-        cells = [str(row["generation"]), *(format_cell(row.get(c.key), c.fmt) for c in columns)]
+        cells = row_cells(row, columns)
         body.append("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    note = table_note(run.rows, columns)
+    return table + (f"<p>{html.escape(note)}</p>" if note else "")
 
 
 CSS = """
@@ -99,8 +101,10 @@ def render_html(runs: Sequence[RunData], figures: dict[str, bytes | None]) -> st
         f"<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        "<p>Generation 0 is the human corpus; generation <i>g</i> is the model trained from "
-        "scratch on generation <i>g</i>-1's corpus and the corpus sampled from it.</p>",
+        "<p>Generation 0 is the human corpus (for the evaluations of a model, such as the "
+        "judge and fine-tuning, a random-init model of the same architecture); generation "
+        "<i>g</i> is the model trained from scratch on generation <i>g</i>-1's corpus and the "
+        "corpus sampled from it.</p>",
         "<h2>Figures</h2>",
     ]
     for name, png in figures.items():

@@ -14,29 +14,50 @@ def format_cell(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+BASELINE_MARK = "*"
+BASELINE_NOTE = (
+    f"{BASELINE_MARK} at generation 0: a random-init model of the same architecture "
+    "(the baseline), not the human corpus"
+)
+
+
+def row_cells(row: dict[str, Any], columns: Sequence[Column]) -> list[str]:
+    """A table row's cells: the generation, then each column's formatted value, a baseline's
+    generation-0 value marked (`BASELINE_MARK`, explained by `table_note`)."""
+    cells = [str(row["generation"])]
+    for column in columns:
+        cell = format_cell(row.get(column.key), column.fmt)
+        if row["generation"] == 0 and column.baseline_at_zero and cell != "-":
+            cell += BASELINE_MARK
+        cells.append(cell)
+    return cells
+
+
+def table_note(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str | None:
+    """The line to print under a table whose cells carry `BASELINE_MARK`, else None."""
+    marked = any(BASELINE_MARK in cell for row in rows for cell in row_cells(row, columns)[1:])
+    return BASELINE_NOTE if marked else None
+
+
 def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
-    """Aligned text: generation, each column, stages done/total."""
+    """Aligned text: generation, each column, stages done/total (and `table_note`)."""
     headers = ["gen", *(c.header for c in columns), "stages"]
-    body = [
-        [
-            str(r["generation"]),
-            *(format_cell(r.get(c.key), c.fmt) for c in columns),
-            f"{r['stages_done']}/{r['stages_total']}",
-        ]
-        for r in rows
-    ]
+    body = [[*row_cells(r, columns), f"{r['stages_done']}/{r['stages_total']}"] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
     lines.append("-" * len(lines[0]))
     lines += ["  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)) for line in body]
-    return "\n".join(lines)
+    note = table_note(rows, columns)
+    return "\n".join(lines + ([note] if note else []))
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
-    """A markdown table of the same values."""
+    """A markdown table of the same values (and `table_note`)."""
     headers = ["gen", *(c.header for c in columns)]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
-        cells = [str(r["generation"]), *(format_cell(r.get(c.key), c.fmt) for c in columns)]
+        # a markdown `*` starts emphasis: escaped
+        cells = [cell.replace("*", "\\*") for cell in row_cells(r, columns)]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    note = table_note(rows, columns)
+    return "\n".join(lines + (["", note.replace("*", "\\*", 1)] if note else []))

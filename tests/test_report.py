@@ -124,3 +124,25 @@ def test_report_renders_in_headless_chromium(tiny_run: Context, tmp_path: Path):
     # the browser parsed the page and decoded every inline figure
     assert "<title>collapse report: tiny</title>" in dom
     assert dom.count("data:image/png;base64,") == len(FIGURES)
+
+
+def test_generation_0_of_a_model_evaluation_is_marked_as_the_random_init_baseline():
+    from collapse.config import load_config
+    from collapse.pipeline import table_columns
+    from collapse.table import BASELINE_NOTE, markdown_table, text_table
+
+    columns = table_columns(load_config(REPO / "configs" / "demo.yaml"))
+    marked = {c.key for c in columns if c.baseline_at_zero}
+    assert "perplexity" not in marked and "entropy_bits" not in marked
+    assert {"judge_grammar", "word_order_acc"} <= marked
+    key = "word_order_acc"
+    rows = [
+        {"generation": g, key: v, "entropy_bits": 8.5, "stages_done": 1, "stages_total": 1}
+        for g, v in ((0, 0.5), (1, 0.75))
+    ]
+    text = text_table(rows, columns)
+    assert text.splitlines()[-1] == BASELINE_NOTE
+    gen0, gen1 = text.splitlines()[2:4]
+    assert "0.500*" in gen0 and "8.500 " in gen0 and "0.750*" not in gen1 and "0.750" in gen1
+    assert "0.500\\*" in markdown_table(rows, columns)
+    assert BASELINE_NOTE not in text_table(rows[1:], columns)  # nothing marked: no note

@@ -33,6 +33,9 @@ class Column:
     fmt: str = ".3f"
     higher_is_better: bool | None = None  # None: neither (e.g. entropy rises then falls)
     combine: Callable[[dict[str, Any], dict[str, Any]], Any] | None = None
+    # Set by `collapse.pipeline.table_columns` for an evaluation with `baseline_at_zero`: its
+    # generation-0 value is the random-init baseline's, marked so in tables.
+    baseline_at_zero: bool = False
 
 
 def column_value(result: dict[str, Any], source: str) -> Any:
