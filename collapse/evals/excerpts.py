@@ -63,7 +63,7 @@ def _section(run: Any) -> str:
             )
     return (
         "<h3>Excerpts</h3><table class='excerpts'><thead><tr><th>gen</th><th>story (opening)</th>"
-        f"<th>tokens</th><th>end</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<th>story tokens</th><th>end</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
 
 

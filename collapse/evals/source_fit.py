@@ -87,8 +87,8 @@ def _run(ctx: Context, gen: int) -> tuple[dict[str, Any], list[Path]]:
     }
     line = (
         f"gen {gen}: the source could write {result['valid_documents']} of "
-        f"{result['documents']} documents, and {result['valid_prefix_share']:.1%} of their text "
-        "before they depart from it"
+        f"{result['documents']} documents; on average {result['valid_prefix_share']:.1%} of a "
+        "story comes before it departs from it"
     )
     departed = {k: v for k, v in result["departures"].items() if v}
     if departed:
@@ -144,7 +144,7 @@ def _figure(runs: Sequence[Any]) -> bytes | None:
         style = LINE_STYLES[i % len(LINE_STYLES)]
         for key, name, color in [
             ("source_valid", "stories the source could write", "tab:blue"),
-            ("source_prefix", "text written before departing from it", "tab:purple"),
+            ("source_prefix", "per story, share before departing from it (mean)", "tab:purple"),
             ("source_tail", "valid stories in the human tail (share of valid)", "tab:orange"),
         ]:
             x, y = series(run, key)
@@ -195,8 +195,8 @@ def _section(run: Any) -> str | None:
 
 EVALUATION = Evaluation(
     name=NAME,
-    description="Fit to the known synthetic source: share of stories it could write, share of "
-    "text before a story departs from it, source NLL, share in the human corpus's tail "
+    description="Fit to the known synthetic source: share of stories it could write, mean share "
+    "of a story before it departs from it, source NLL, share in the human corpus's tail "
     "(synthetic corpora only).",
     version=1,
     needs_gpu=False,
