@@ -196,6 +196,16 @@ def _cell(value: Spread | None, fmt: str) -> str:
     return "-" if value is None else value.format(fmt)
 
 
+def _doubling_cell(summary: GroupSummary, last: int) -> str:
+    """The doubling generation's cell; seeds that never doubled by N are said, not dropped."""
+    if not summary.not_doubled:
+        return _cell(summary.doubling, "d")
+    never = f"{summary.not_doubled}/{summary.seeds} seeds not by generation {last}"
+    if summary.doubling is None:
+        return never
+    return f"{_cell(summary.doubling, 'd')}; {never}"
+
+
 def groups_of(sweep: Sweep, tables: Tables) -> list[Group]:
     """The sweep's groups with their seeds' tables."""
     return [Group(label, arms, tables) for label, arms in sweep.groups.items()]
@@ -211,12 +221,14 @@ def group_table(groups: Sequence[Group]) -> tuple[list[str], list[list[str]]]:
     each as mean [min-max] over the group's seeds.
     """
     summaries = [g.summary() for g in groups]
+    doubling = [
+        _doubling_cell(s, g.config.run.generations) for s, g in zip(summaries, groups, strict=True)
+    ]
     seeds = [f"{len(g.arms)} ({', '.join(str(a.seed) for a in g.arms)})" for g in groups]
     rows = [
         ["seeds", *seeds],
         ["last generation N"] + [str(g.config.run.generations) for g in groups],
-        ["first generation with perplexity > 2x generation 1's"]
-        + [_cell(s.doubling, "d") for s in summaries],
+        ["first generation with perplexity > 2x generation 1's"] + doubling,
         ["area under the perplexity curve, generations 1..N"]
         + [_cell(s.perplexity_area, ".1f") for s in summaries],
     ]

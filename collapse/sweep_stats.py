@@ -95,6 +95,9 @@ class GroupSummary:
 
     seeds: int
     doubling: Spread | None  # first generation whose perplexity > 2x generation 1's
+    # seeds whose perplexity never doubled by N (left out of `doubling`, which would otherwise
+    # read as if they lacked the values): how many
+    not_doubled: int
     perplexity_area: Spread | None  # trapezoid over generations 1..N
     last: dict[str, Spread | None]  # each column's value at `last_at[column]`
     # N, or for an evaluation of some generations only (the paper judges and fine-tunes 1, 6,
@@ -121,11 +124,16 @@ def summarize(
     """
     doubling: Spread | None = None
     area: Spread | None = None
+    not_doubled = 0
     if perplexity_key is not None:
         ppl = [curve(t, perplexity_key) for t in tables]
         crossings = [first_exceeding(c) for c in ppl]
         doubling = spread(crossings)  # type: ignore[arg-type]
         area = spread([trapezoid_area(c, 1, last) for c in ppl])
+        not_doubled = sum(
+            crossed is None and 1 in c and last in c
+            for crossed, c in zip(crossings, ppl, strict=True)
+        )
     at = {key: (read_at or {}).get(key, last) for key in keys}
     values = {key: spread([curve(t, key).get(at[key]) for t in tables]) for key in keys}
-    return GroupSummary(len(tables), doubling, area, values, at)
+    return GroupSummary(len(tables), doubling, not_doubled, area, values, at)

@@ -301,6 +301,18 @@ def test_band_and_summary_of_a_group_with_known_answers():
     summary = summarize([a, b, c], ["ent", "ppl"], "ppl", last=3)
     assert summary.seeds == 3
     assert summary.doubling == Spread(2.5, 2.0, 3.0, 2, 3)  # C never doubles
+    assert summary.not_doubled == 0  # C is unfinished: no telling whether it will
+    # a seed that reached N without doubling is said so, not shown as one lacking the values
+    d = _table(ppl=[None, 10.0, 12.0, 14.0], ent=[9.0, 8.0, 7.0, 6.0])
+    assert summarize([a, d], ["ppl"], "ppl", last=3).not_doubled == 1
+    from collapse.sweep_report import _doubling_cell
+
+    assert _doubling_cell(summarize([a, d], ["ppl"], "ppl", last=3), 3) == (
+        "3 (1/2 seeds); 1/2 seeds not by generation 3"
+    )
+    assert _doubling_cell(summarize([d], ["ppl"], "ppl", last=3), 3) == (
+        "1/1 seeds not by generation 3"
+    )
     # areas: A (10+15)/2 + (15+25)/2 = 32.5, B (10+21)/2 + (21+30)/2 = 41; C incomplete
     assert summary.perplexity_area == Spread(36.75, 32.5, 41.0, 2, 3)
     assert summary.last == {
