@@ -361,7 +361,10 @@ def test_the_group_table_and_figures_from_hand_made_tables(tmp_path: Path):
     assert cells["seeds"] == ["2 (1, 2)", "2 (1, 2)"]
     assert cells["last generation N"] == ["2", "2"]
     # mle seed 1: 26 > 2 x 10 at generation 2; seed 2: 50 <= 60; mixce never doubles
-    assert cells["first generation with perplexity > 2x generation 1's"] == ["2 (1/2 seeds)", "-"]
+    assert cells["first generation with perplexity > 2x generation 1's"] == [
+        "2 (1/2 seeds); 1/2 seeds not by generation 2",
+        "2/2 seeds not by generation 2",
+    ]
     # areas: mle (10+26)/2 = 18, (30+50)/2 = 40; mixce (10+14)/2 = 12, (30+36)/2 = 33
     assert cells["area under the perplexity curve, generations 1..N"] == [
         "29.0 [18.0-40.0]",
