@@ -17,6 +17,7 @@ from typing import Any
 
 from collapse.config import config_to_dict
 from collapse.context import Context
+from collapse.errors import UserError
 from collapse.evals import Column, Evaluation, column_value, evaluation, registry, split_stage
 from collapse.faults import delay_point
 from collapse.regimes import REGIMES
@@ -353,39 +354,63 @@ def table_columns(config: Any) -> list[Column]:
     return columns
 
 
+def record_is_current(ctx: Context, gen: int, stage: str, record: dict[str, Any]) -> bool:
+    """Whether `record` carries a key today's code gives (gen, `stage`), or an earlier formula
+    of it (`earlier_stage_keys`); its outputs are not checked.
+
+    False when a stage it reads has no record (it was dropped: this one goes with it). True
+    when the key cannot be computed on this machine (an input file it lacks, e.g. the judge's
+    prompts): only a run there can tell, and it will.
+    """
+    try:
+        keys = [stage_key(ctx, gen, stage), *earlier_stage_keys(ctx, gen, stage)]
+    except RuntimeError:  # a parent stage has no record
+        return False
+    except UserError:
+        return True
+    return record.get("key") in keys
+
+
 def metrics_table(
     ctx: Context, generations: int | None = None, valid_only: bool = False
 ) -> list[dict[str, Any]]:
     """One row per generation from the manifests: each evaluation's table values, and status.
 
     A value is None where its evaluation has not run (or does not apply, e.g. perplexity of
-    the human corpus). `stages_done`/`stages_total` count the manifest's records (as
-    `collapse status` does).
+    the human corpus), and where its record is stale: made under another key (an earlier
+    version of the evaluation, inputs that have changed), so the next run recomputes it.
+    `stages_done`/`stages_total` count the current records (as `collapse status` does).
 
     Args:
         ctx: the run's context.
         generations: the last generation (default: run.generations).
-        valid_only: take values only from records whose key and outputs are still valid
-            (hashes every output: for comparing runs, e.g. a sweep's, not for every update).
+        valid_only: also check that every output still has its recorded sha256 (hashes
+            every output: for comparing runs, e.g. a sweep's, not for every update).
     """
+    with ctx.store.manifests_read_once():
+        return _metrics_table(ctx, generations, valid_only)
+
+
+def _metrics_table(ctx: Context, generations: int | None, valid_only: bool) -> list[dict[str, Any]]:
     last = ctx.config.run.generations if generations is None else generations
     rows = []
     first: dict[str, Any] = {}  # generation 0's results, which combined columns may read
     for gen in range(0, last + 1):
         recorded = ctx.store.read_manifest(gen)["stages"]
-        row: dict[str, Any] = {"generation": gen}
-        results = {}
-        for m in ctx.config.eval.metrics:
-            entry = evaluation(m)
-            stages = recorded
+        expected = stages_of(ctx, gen)
+        current = {}
+        for stage in expected:
+            record = recorded.get(stage)
+            if record is None:
+                continue
             if valid_only:
-                stages = {}
-                if entry.applies_to(ctx.config, gen):
-                    for stage in entry.stages_for(ctx.config):
-                        record = valid_record(ctx, gen, stage) if stage in recorded else None
-                        if record is not None:
-                            stages[stage] = record
-            results[m] = entry.result_of(stages, ctx.config)
+                record = valid_record(ctx, gen, stage)
+            elif not record_is_current(ctx, gen, stage, record):
+                record = None
+            if record is not None:
+                current[stage] = record
+        row: dict[str, Any] = {"generation": gen}
+        results = {m: evaluation(m).result_of(current, ctx.config) for m in ctx.config.eval.metrics}
         first = first or results
         for m in ctx.config.eval.metrics:
             for column in evaluation(m).columns_for(ctx.config):
@@ -393,8 +418,7 @@ def metrics_table(
                     row[column.key] = column.combine(results, first)
                 else:
                     row[column.key] = column_value(results[m], column.source)
-        expected = stages_of(ctx, gen)
-        row["stages_done"] = sum(s in recorded for s in expected)
+        row["stages_done"] = len(current)
         row["stages_total"] = len(expected)
         rows.append(row)
     return rows

@@ -415,6 +415,7 @@ class RunStore:
         # Files this store has on the URL already: run-relative path -> (size, mtime_ns) of
         # the local copy then (e.g. sample shards saved as they were written).
         self._uploaded: dict[str, tuple[int, int]] = {}
+        self._snapshot = threading.local()  # see `manifests_read_once`
         self._staging_hold: IO[str] | None = None
         if self.run_dir.is_dir():
             self._hold_copy()
@@ -430,10 +431,12 @@ class RunStore:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_staging_hold"] = None  # an open file: the unpickled store takes its own
+        state["_snapshot"] = None  # per thread, and only within a block
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._snapshot = threading.local()
         if self.run_dir.is_dir():
             self._hold_copy()
 
@@ -518,8 +521,33 @@ class RunStore:
         """The generation's manifest file."""
         return self.gen_dir(generation) / MANIFEST
 
+    @contextlib.contextmanager
+    def manifests_read_once(self) -> Iterator[None]:
+        """Within the block, this thread reads each generation's manifest once and keeps it.
+
+        For readers that look up many records (a table checks every stage's key, each key
+        reads its inputs' records), where a URL root would otherwise be asked again for every
+        lookup. Not for a block that writes records: it would not see its own writes.
+        """
+        outer = getattr(self._snapshot, "manifests", None)
+        if outer is None:
+            self._snapshot.manifests = {}
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._snapshot.manifests = None
+
     def read_manifest(self, generation: int) -> dict[str, Any]:
         """The generation's manifest, or an empty one when absent or unreadable."""
+        kept = getattr(self._snapshot, "manifests", None)
+        if kept is not None:
+            if generation not in kept:
+                kept[generation] = self._read_manifest(generation)
+            return kept[generation]
+        return self._read_manifest(generation)
+
+    def _read_manifest(self, generation: int) -> dict[str, Any]:
         if self.remote is not None:
             gen_dir = self.gen_dir(generation).name
             listed = self.remote.sizes(self._object(f"{gen_dir}/records"))
@@ -663,7 +691,7 @@ class RunStore:
 
     def read_record(self, generation: int, stage: str) -> dict[str, Any] | None:
         """The stage's record as written (not checked), None when there is none."""
-        if self.remote is None:
+        if self.remote is None or getattr(self._snapshot, "manifests", None) is not None:
             return self.read_manifest(generation)["stages"].get(stage)
         blob = self.remote.read(self._object(record_rel(self.gen_dir(generation).name, stage)))
         try:

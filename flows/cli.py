@@ -323,9 +323,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_USAGE if isinstance(failed, UserError) else 1
 
 
-def _stage_state(record: dict[str, Any] | None) -> str:
+def _stage_state(ctx: Any, gen: int, stage: str, record: dict[str, Any] | None) -> str:
+    """done, skipped, stale (recorded under another key: the next run recomputes it) or -."""
+    from collapse.pipeline import record_is_current
+
     if record is None:
         return "-"
+    if not record_is_current(ctx, gen, stage, record):
+        return "stale"
     return "skipped" if (record.get("info") or {}).get("skipped") else "done"
 
 
@@ -367,14 +372,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _progress_lines(ctx: Any) -> list[str]:
-    """One line per generation: each stage's state from the manifest (done, skipped or -)."""
+    """One line per generation: each stage's state from the manifest (`_stage_state`)."""
     from collapse.pipeline import stages_of
 
     lines = []
-    for gen in range(0, ctx.config.run.generations + 1):
-        stages = ctx.store.read_manifest(gen)["stages"]
-        cells = [f"{name}:{_stage_state(stages.get(name))}" for name in stages_of(ctx, gen)]
-        lines.append(f"gen {gen:>3}  " + "  ".join(cells))
+    with ctx.store.manifests_read_once():
+        for gen in range(0, ctx.config.run.generations + 1):
+            stages = ctx.store.read_manifest(gen)["stages"]
+            cells = [
+                f"{name}:{_stage_state(ctx, gen, name, stages.get(name))}"
+                for name in stages_of(ctx, gen)
+            ]
+            lines.append(f"gen {gen:>3}  " + "  ".join(cells))
     return lines
 
 
@@ -609,7 +618,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `collapse` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `collapse run CONFIG --from-generation 2 train.lr=1e-3`: overrides after an option are
+    # still overrides (argparse takes a positional list only before the options)
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        strays = [e for e in extra if e.startswith("-") or "=" not in e]
+        if not strays:
+            args.overrides += extra
+            extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

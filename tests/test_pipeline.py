@@ -14,7 +14,7 @@ from collapse.context import Context
 from collapse.evals import registry
 from collapse.judge.instruction import build_messages
 from collapse.pipeline import metrics_table, stages_of, table_columns
-from collapse.table import text_table
+from collapse.table import BASELINE_NOTE, text_table
 
 from .conftest import PLANTED_KEY, run_all
 from .judge_server import JudgeServer, grades_for
@@ -64,7 +64,8 @@ def test_metrics_table_has_a_column_per_evaluation_value(tiny_run: Context):
     assert all(r["stages_done"] == r["stages_total"] for r in rows)
     text = text_table(rows, columns)
     assert "OOV/1k" in text and "self-BLEU" in text and "grammar" in text
-    assert len(text.splitlines()) == 5
+    assert len(text.splitlines()) == 6  # header, rule, 3 rows, the note on the judge's row 0
+    assert text.splitlines()[-1] == BASELINE_NOTE
 
 
 def test_a_second_pass_reuses_every_stage_and_asks_the_judge_nothing(

@@ -140,3 +140,24 @@ def test_the_sample_stage_counts_its_corpus_while_writing_it(
     # the same corpus as the session's run (per-shard seeds): same counts as its record
     original = json.loads(tiny_run.store.manifest_path(2).read_text())["stages"]["sample"]
     assert record["digest"] == original["digest"]
+
+
+def test_a_record_made_under_another_key_is_shown_stale_not_as_a_result(
+    tiny_run: Context, tmp_path: Path
+):
+    """E.g. made by an earlier version of its evaluation: the next run recomputes it, so
+    status, the table and the report must not present its values as today's."""
+    from flows.cli import _progress_lines
+
+    ctx = _copy(tiny_run, tmp_path / "tiny-stale")
+    before = metrics_table(ctx)[1]
+    assert before["entropy_bits"] is not None
+    manifest_path = ctx.store.manifest_path(1)
+    manifest = json.loads(manifest_path.read_text())
+    manifest["stages"]["eval.entropy"]["key"] = "made-by-an-earlier-version"
+    manifest_path.write_text(json.dumps(manifest))
+    after = metrics_table(ctx)[1]
+    assert after["entropy_bits"] is None and after["perplexity"] == before["perplexity"]
+    assert after["stages_done"] == before["stages_done"] - 1
+    assert "eval.entropy:stale" in _progress_lines(ctx)[1]
+    assert "eval.entropy:done" in _progress_lines(ctx)[2]
