@@ -45,7 +45,12 @@ class ConfigError(UserError):
 class RunConfig(Section):
     """What to run and where to keep it."""
 
-    name: str = Field("run", pattern=r"^[a-z0-9][a-z0-9-]*$", description="Prefix of the run id.")
+    name: str = Field(
+        "run",
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="Prefix of the run id; unset in a config file: the file's name (lower-cased, "
+        "other characters as -).",
+    )
     seed: int = Field(42, ge=0, description="Root of every seed in the run.")
     generations: PositiveInt = Field(5, description="Model generations to train (gen 1..N).")
     artifact_root: str = Field(
@@ -279,7 +284,9 @@ class EvalSettings(Section):
     )
     batch_size: PositiveInt = Field(32, description="Perplexity windows per forward pass.")
     context: PositiveInt | None = Field(
-        None, description="Perplexity window; default: the model's max positions or train.seq_len."
+        None,
+        description="Perplexity window; default: the smaller of the model's max positions and "
+        "train.seq_len.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if visible.")
 
