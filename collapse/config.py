@@ -552,13 +552,15 @@ def input_problems(data: dict[str, Any]) -> list[str]:
 
 def start_problems(config: Config) -> list[str]:
     """What stops a validated config's run before its first start: a missing corpus file
-    (`input_problems`) or one whose first rows cannot be used, and what its evaluations'
-    `inputs` checks find in the files they read (the judge's prompts file, downstream tasks'
-    local data).
+    (`input_problems`) or one whose first rows cannot be used, a local tokenizer folder that
+    cannot be used, and what its evaluations' `inputs` checks find in the files they read (the
+    judge's prompts file, downstream tasks' local data).
     """
     from collapse.corpus.sources import local_corpus_problems
+    from collapse.tokenizer import local_tokenizer_problems
 
     problems = input_problems(config_to_dict(config)) or local_corpus_problems(config.corpus)
+    problems += local_tokenizer_problems(config.tokenizer.name)
     for name in config.eval.metrics:
         inputs = registry()[name].inputs
         if inputs is not None:

@@ -103,6 +103,19 @@ def hub_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tok
 
 
+def local_tokenizer_problems(name: str) -> list[str]:
+    """What is wrong with a `hub:<folder>` tokenizer on this machine (`tokenizer.name`):
+    loaded, so an unreadable one or one without EOS stops `collapse run` before anything starts
+    instead of in the corpus stage. Hub ids are not fetched here (the corpus stage does)."""
+    if not name.startswith("hub:") or not Path(name[4:]).expanduser().is_dir():
+        return []
+    try:
+        hub_tokenizer(name[4:])
+    except TokenizerError as exc:
+        return [str(exc)]
+    return []
+
+
 def build_tokenizer(
     name: str, texts: Iterable[str] | None = None, vocab_size: int = 4096, min_frequency: int = 2
 ) -> PreTrainedTokenizerBase:

@@ -187,20 +187,6 @@ def _tokenizer_without_eos(path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_a_tokenizer_without_eos_is_one_line_and_exit_2(
-    tmp_path: Path, story_file: Path, home: Path
-):
-    data = _small(story_file, tmp_path / "artifacts")
-    folder = _tokenizer_without_eos(tmp_path / "no-eos")
-    data["tokenizer"] = {"name": f"hub:{folder}"}
-    proc = _collapse(home, "run", str(_write_config(tmp_path, data)))
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    message = _last_line(proc.stderr)
-    assert message.startswith("collapse: error: tokenizer.name: ") and "has no EOS token" in message
-
-
 @pytest.mark.parametrize("mistake", ["missing bucket", "no credentials", "credentials in the URL"])
 def test_an_unusable_artifact_url_is_one_line_and_exit_2_before_anything_starts(
     tmp_path: Path,
@@ -257,6 +243,7 @@ def test_an_unusable_artifact_url_is_one_line_and_exit_2_before_anything_starts(
         # an override after an option is still an override (here: the 3 it sets is checked)
         (["run", "{config}", "--from-generation", "9", "run.generations=3"], "generations (3)"),
         (["run", "{config}", "--from-generation", "1", "stray"], "unrecognized arguments: stray"),
+        (["run", "{config}", "tokenizer.name=hub:{no_eos}"], "has no EOS token; choose a tokenizer"),
     ],
 )
 def test_bad_command_lines_are_one_message_and_exit_2_before_anything_starts(
@@ -280,6 +267,8 @@ def test_bad_command_lines_are_one_message_and_exit_2_before_anything_starts(
     (tmp_path / "stories.jsonl").write_text('{"text": "Once upon a time."}\n{"text": \n')
     (tmp_path / "good.jsonl").write_text('{"text": "Once upon a time."}\n')
     (tmp_path / "sweep.yaml").write_text("name: s\nbase: tiny.yaml\ngrid:\n  run.seed: [1, 2]\n")
+    if "no_eos" in " ".join(args):
+        _tokenizer_without_eos(tmp_path / "no-eos")
     run = tmp_path / "artifacts" / "run"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(config.read_text())
@@ -293,6 +282,7 @@ def test_bad_command_lines_are_one_message_and_exit_2_before_anything_starts(
         "sweep": tmp_path / "sweep.yaml",
         "folder": tmp_path,
         "run": run,
+        "no_eos": tmp_path / "no-eos",
     }
     expected = expected.format(**names)
     before = sorted(p for p in tmp_path.rglob("*"))
