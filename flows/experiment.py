@@ -494,7 +494,8 @@ def experiment(
             create_table_artifact(
                 metrics_table(ctx),
                 key=artifact_key(run_id, "metrics"),
-                description=f"Per-generation metrics of run {run_id} (gen 0 = human corpus)",
+                description=f"Per-generation metrics of run {run_id} (gen 0: the human "
+                "corpus; for the judge and downstream columns, the random-init baseline)",
             )
             update_progress_artifact(progress_id, 100.0 * max(last, 0) / total)
 
