@@ -243,7 +243,10 @@ def test_an_unusable_artifact_url_is_one_line_and_exit_2_before_anything_starts(
         # an override after an option is still an override (here: the 3 it sets is checked)
         (["run", "{config}", "--from-generation", "9", "run.generations=3"], "generations (3)"),
         (["run", "{config}", "--from-generation", "1", "stray"], "unrecognized arguments: stray"),
-        (["run", "{config}", "tokenizer.name=hub:{no_eos}"], "has no EOS token; choose a tokenizer"),
+        (
+            ["run", "{config}", "tokenizer.name=hub:{no_eos}"],
+            "has no EOS token; choose a tokenizer",
+        ),
     ],
 )
 def test_bad_command_lines_are_one_message_and_exit_2_before_anything_starts(
