@@ -161,3 +161,17 @@ def test_a_record_made_under_another_key_is_shown_stale_not_as_a_result(
     assert after["stages_done"] == before["stages_done"] - 1
     assert "eval.entropy:stale" in _progress_lines(ctx)[1]
     assert "eval.entropy:done" in _progress_lines(ctx)[2]
+
+
+def test_status_into_a_pipe_closed_early_ends_quietly(tiny_run: Context):
+    """`collapse status RUN | head -1`: no BrokenPipeError traceback once head has its line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "status", str(tiny_run.store.run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    proc.stdout.close()  # the reader is gone before the first line
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
