@@ -276,15 +276,19 @@ def _compute(ctx: Context, gen: int, stage: str, key: str) -> dict[str, Any]:
 
 
 def _copy_from_sibling(ctx: Context, gen: int, stage: str, key: str) -> dict[str, Any] | None:
-    """Take a stage another run under the same artifact root finished under the same key.
+    """Take a stage another run under the same artifact root finished under the same key (or
+    an earlier formula of it, `earlier_stage_keys`).
 
     A key chains the content digests of every input with the stage's settings and version, so
     an equal key means an equal output: e.g. the arms of a sweep that differ only after
     generation 0 compute their human corpus, tokenizer and generation-0 evaluations once. The
     files are hard-linked (copied across filesystems) and hashed again before they count.
     """
+    accepted = [key, *earlier_stage_keys(ctx, gen, stage)]  # recorded here under today's
     for other in ctx.store.sibling_runs():
-        record = other.valid_record(gen, stage, key)
+        record = next(
+            (r for k in accepted if (r := other.valid_record(gen, stage, k)) is not None), None
+        )
         if record is None:
             continue
         copied = ctx.store.adopt_outputs(other, record)

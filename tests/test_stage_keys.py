@@ -155,6 +155,29 @@ def test_run_ids_under_todays_defaults_are_pinned(name: str):
     assert run_id_for(load_config(REPO / "configs" / name)) == TODAY_RUN_IDS[name]
 
 
+def test_a_sibling_record_under_an_earlier_key_is_taken_under_todays(tmp_path: Path):
+    """share_across_runs: a sweep arm takes a sibling's judge record made under the earlier
+    formula instead of grading again, and records it under today's key."""
+    from collapse.pipeline import run_stage
+
+    sibling = _context("demo.yaml", tmp_path)
+    sibling.store.write_run_file(sibling.store.config_path, b"run: {}\n")  # a run, to siblings
+    made = {"key": DEMO_KEYS["1/eval.judge"], "outputs": {}, "digest": "d", "info": {"n": 1}}
+    with sibling.store.manifest_update(1):
+        manifest = sibling.store.read_manifest(1)
+        manifest["stages"]["eval.judge"] = made
+        atomic_write_json(sibling.store.manifest_path(1), manifest)
+    mine = RunStore(tmp_path, "mine")
+    for gen in (0, 1):
+        kept = sibling.store.read_manifest(gen)
+        kept["stages"].pop("eval.judge", None)
+        atomic_write_json(mine.manifest_path(gen), kept)
+    ctx = Context(sibling.config, mine, log=print)
+    taken = run_stage(ctx, 1, "eval.judge")
+    assert taken["reused"] and taken["copied_from"] == "pinned" and taken["info"] == {"n": 1}
+    assert mine.read_record(1, "eval.judge")["key"] == REKEYED["1/eval.judge"]
+
+
 def test_todays_defaults_change_only_the_sample_keys(tmp_path: Path):
     """The implementation is in no stage key (it computes the same function); the story rng
     draws other tokens, so the sample stages, and only they, have other keys."""
