@@ -60,6 +60,15 @@ def stage_key(ctx: Context, gen: int, stage: str) -> str:
     return sha256_json({"stage": stage, "version": entry.version, "parts": parts})
 
 
+def accepted_keys(ctx: Context, gen: int, stage: str) -> list[str]:
+    """The keys a record of (`gen`, `stage`) may carry: today's, then `earlier_stage_keys`.
+
+    Raises:
+        RuntimeError: a stage it reads has not finished.
+    """
+    return [stage_key(ctx, gen, stage), *earlier_stage_keys(ctx, gen, stage)]
+
+
 def earlier_stage_keys(ctx: Context, gen: int, stage: str) -> list[str]:
     """Keys of earlier releases under which a record of (`gen`, `stage`) holds today's result
     (`Evaluation.earlier_key_parts`), newest first; [] for most stages."""
@@ -90,7 +99,7 @@ def stages_of(ctx: Context, gen: int) -> list[str]:
 def valid_record(ctx: Context, gen: int, stage: str) -> dict[str, Any] | None:
     """The stage's record if it is done and its outputs intact, else None."""
     try:
-        keys = [stage_key(ctx, gen, stage), *earlier_stage_keys(ctx, gen, stage)]
+        keys = accepted_keys(ctx, gen, stage)
     except RuntimeError:  # a parent stage is not done
         return None
     for key in keys:
@@ -284,7 +293,7 @@ def _copy_from_sibling(ctx: Context, gen: int, stage: str, key: str) -> dict[str
     generation 0 compute their human corpus, tokenizer and generation-0 evaluations once. The
     files are hard-linked (copied across filesystems) and hashed again before they count.
     """
-    accepted = [key, *earlier_stage_keys(ctx, gen, stage)]  # recorded here under today's
+    accepted = accepted_keys(ctx, gen, stage)  # [key, ...]: recorded here under today's
     for other in ctx.store.sibling_runs():
         record = next(
             (r for k in accepted if (r := other.valid_record(gen, stage, k)) is not None), None
@@ -367,7 +376,7 @@ def record_is_current(ctx: Context, gen: int, stage: str, record: dict[str, Any]
     prompts): only a run there can tell, and it will.
     """
     try:
-        keys = [stage_key(ctx, gen, stage), *earlier_stage_keys(ctx, gen, stage)]
+        keys = accepted_keys(ctx, gen, stage)
     except RuntimeError:  # a parent stage has no record
         return False
     except UserError:

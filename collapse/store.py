@@ -325,7 +325,7 @@ def root_problem(root: str | Path, write: bool = True) -> str | None:
         existing = _existing(Path(root).expanduser())
         if not existing.is_dir():  # a file where the root, or a folder above it, should be
             return f"artifact root {str(root)!r}: {str(existing)!r} is a file, not a folder"
-        return _local_write_problem(Path(root).expanduser()) if write else None
+        return _local_write_problem(Path(root).expanduser(), existing) if write else None
     problem = url_problem(str(root))  # the scheme, a bucket, no credentials in the URL
     return problem or ObjectRoot(str(root)).problem(write)
 
@@ -335,15 +335,13 @@ def _generation_numbers(names: Iterable[str]) -> list[int]:
     return sorted(int(n[4:]) for n in names if n.startswith("gen-") and n[4:].isdigit())
 
 
-def _local_write_problem(root: Path) -> str | None:
+def _local_write_problem(root: Path, existing: Path) -> str | None:
     """Why folder `root` cannot be created or written here, found by doing it: permissions do
     not tell (root may write anywhere yet not create folders under /proc, and a read-only mount
-    says so only when written). The folders it had to create and its probe file are removed."""
-    created = []
-    current = Path(os.path.abspath(root))
-    while not current.exists() and current != current.parent:
-        created.append(current)
-        current = current.parent
+    says so only when written). The folders it had to create below `existing` (its nearest
+    existing folder, `_existing`) and its probe file are removed."""
+    target = Path(os.path.abspath(root))
+    created = [target, *target.parents][: len(target.parts) - len(existing.parts)]  # deepest 1st
     try:
         for folder in reversed(created):
             folder.mkdir()
@@ -529,7 +527,7 @@ class RunStore:
         reads its inputs' records), where a URL root would otherwise be asked again for every
         lookup. Not for a block that writes records: it would not see its own writes.
         """
-        outer = getattr(self._snapshot, "manifests", None)
+        outer = self._kept_manifests()
         if outer is None:
             self._snapshot.manifests = {}
         try:
@@ -538,9 +536,13 @@ class RunStore:
             if outer is None:
                 self._snapshot.manifests = None
 
+    def _kept_manifests(self) -> dict[int, dict[str, Any]] | None:
+        """This thread's manifests kept by `manifests_read_once`, None outside such a block."""
+        return getattr(self._snapshot, "manifests", None)
+
     def read_manifest(self, generation: int) -> dict[str, Any]:
         """The generation's manifest, or an empty one when absent or unreadable."""
-        kept = getattr(self._snapshot, "manifests", None)
+        kept = self._kept_manifests()
         if kept is not None:
             if generation not in kept:
                 kept[generation] = self._read_manifest(generation)
@@ -645,7 +647,8 @@ class RunStore:
         self, generation: int, stage: str, record: dict[str, Any], replacing: str | None = None
     ) -> None:
         """Write a stage's record: its object at a URL root (the lease checked by the caller),
-        else its entry in the manifest; with `replacing`, only over a record of that key."""
+        else its entry in the manifest; with `replacing`, there only over a record of that key
+        (at a URL root the run's lease keeps other writers out)."""
         if self.remote is not None:
             blob = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
             gen_dir = self.gen_dir(generation).name
@@ -667,8 +670,7 @@ class RunStore:
         no longer holds leave it valid.
         """
         rekeyed = {**record, "key": key}
-        if self.remote is not None:
-            self._check_lease(f"generation {generation}, stage {stage}")
+        self._check_lease(f"generation {generation}, stage {stage}")  # no lease: no-op
         self._write_record(generation, stage, rekeyed, replacing=record.get("key"))
         return rekeyed
 
@@ -691,7 +693,7 @@ class RunStore:
 
     def read_record(self, generation: int, stage: str) -> dict[str, Any] | None:
         """The stage's record as written (not checked), None when there is none."""
-        if self.remote is None or getattr(self._snapshot, "manifests", None) is not None:
+        if self.remote is None or self._kept_manifests() is not None:
             return self.read_manifest(generation)["stages"].get(stage)
         blob = self.remote.read(self._object(record_rel(self.gen_dir(generation).name, stage)))
         try:

@@ -21,21 +21,24 @@ BASELINE_NOTE = (
 )
 
 
+def _is_baseline(row: dict[str, Any], column: Column) -> bool:
+    """Whether the row's value of `column` is a random-init baseline's (marked in tables)."""
+    return row["generation"] == 0 and column.baseline_at_zero and row.get(column.key) is not None
+
+
 def row_cells(row: dict[str, Any], columns: Sequence[Column]) -> list[str]:
     """A table row's cells: the generation, then each column's formatted value, a baseline's
     generation-0 value marked (`BASELINE_MARK`, explained by `table_note`)."""
     cells = [str(row["generation"])]
     for column in columns:
         cell = format_cell(row.get(column.key), column.fmt)
-        if row["generation"] == 0 and column.baseline_at_zero and cell != "-":
-            cell += BASELINE_MARK
-        cells.append(cell)
+        cells.append(cell + BASELINE_MARK if _is_baseline(row, column) else cell)
     return cells
 
 
 def table_note(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str | None:
     """The line to print under a table whose cells carry `BASELINE_MARK`, else None."""
-    marked = any(BASELINE_MARK in cell for row in rows for cell in row_cells(row, columns)[1:])
+    marked = any(_is_baseline(row, column) for row in rows for column in columns)
     return BASELINE_NOTE if marked else None
 
 

@@ -365,9 +365,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     except RunNotFoundError as exc:
         return _fail(str(exc))
     print(f"run {ctx.store.run_id}  ({ctx.store.location})\n")
-    print("\n".join(_progress_lines(ctx)))
-    print()
-    print(text_table(metrics_table(ctx), table_columns(ctx.config)))
+    with ctx.store.manifests_read_once():  # the progress lines and the table read the same
+        print("\n".join(_progress_lines(ctx)))
+        print()
+        print(text_table(metrics_table(ctx), table_columns(ctx.config)))
     return 0
 
 
