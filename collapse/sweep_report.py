@@ -16,6 +16,10 @@ from typing import Any
 
 from collapse.context import Context
 from collapse.evals import Column, Evaluation, evaluation, registry
+
+# PERPLEXITY: the evaluation whose first column is validation perplexity; the generation where it
+# doubles and the area under its curve are computed on that column
+from collapse.evals.perplexity import NAME as PERPLEXITY
 from collapse.pipeline import metrics_table, table_columns
 from collapse.plotting import new_figure, png
 from collapse.report import CSS, img_tag
@@ -23,10 +27,6 @@ from collapse.store import RunStore, atomic_write_bytes
 from collapse.sweep import Arm, Sweep
 from collapse.sweep_stats import GroupSummary, Spread, Table, band, summarize
 from collapse.table import format_cell
-
-# The evaluation whose first column is validation perplexity: the generation where it doubles
-# and the area under its curve are computed on that column.
-PERPLEXITY = "perplexity"
 
 
 def arm_context(arm: Arm) -> Context:

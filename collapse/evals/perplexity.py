@@ -16,6 +16,8 @@ from collapse.context import (
 )
 from collapse.evals.base import Column, Evaluation, Figure
 
+NAME = "perplexity"  # also read by name: source_fit's KL/tok column, the sweep statistics
+
 
 def context_window(config: Any) -> int:
     """The perplexity window: `eval.context`, else the model's positions or `train.seq_len`."""
@@ -82,7 +84,7 @@ def _figure(runs: Sequence[Any]) -> bytes | None:
 
 
 EVALUATION = Evaluation(
-    name="perplexity",
+    name=NAME,
     description="Perplexity on generation 0's validation set (every token after a BOS).",
     version=1,
     needs_gpu=True,

@@ -27,10 +27,10 @@ from collapse.context import (
     validation_path,
 )
 from collapse.evals.base import Column, Evaluation, Figure
+from collapse.evals.perplexity import NAME as PERPLEXITY  # whose NLL `_excess_nll` reads
 from collapse.sections import PositiveInt, Section
 
 NAME = "source_fit"
-PERPLEXITY = "perplexity"  # the evaluation whose validation NLL `_excess_nll` reads
 
 
 class SourceFitConfig(Section):
