@@ -15,7 +15,9 @@ from datasets import Dataset, load_dataset
 from collapse.errors import UserError, cause_text, logger_silenced
 from collapse.seeding import derive_seed
 
-PREVIEW_ROWS = 1000  # rows `local_corpus_problems` reads: a moment even for a large .txt
+# Rows a check before a run's first start reads of a local file (the corpus here, each split of
+# a downstream task's data): a moment even for a large .txt or .csv.
+PREVIEW_ROWS = 1000
 _LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _FORMAT_HINTS = {
     "text": "a .txt corpus must be UTF-8 text (corpus.txt_mode: blocks | lines)",

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from collapse.corpus.sources import PREVIEW_ROWS
 from collapse.downstream.tasks import TaskSpec
 from collapse.errors import UserError, cause_text, logger_silenced
 
-PREVIEW_ROWS = 1000  # rows per split `preview_problems` reads: a moment even for csv
 _BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
